@@ -1,0 +1,96 @@
+//! Everything the engine can refuse or fail at, each with the facts a caller needs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model manifest {path}: {message}")]
+    Manifest { path: PathBuf, message: String },
+
+    #[error("model file {path} is missing or unreadable ({reason}); fetch it with `python3 models/fetch.py {model}` (expected sha256 {expected})")]
+    ModelFileMissing {
+        model: String,
+        path: PathBuf,
+        reason: String,
+        expected: String,
+    },
+
+    #[error("model file {path} is corrupt or truncated: sha256 is {actual}, expected {expected}; fetch it again with `python3 models/fetch.py {model}`")]
+    ModelFileCorrupt {
+        model: String,
+        path: PathBuf,
+        actual: String,
+        expected: String,
+    },
+
+    #[error("llama.cpp could not load model file {path}: {message}")]
+    ModelLoad { path: PathBuf, message: String },
+
+    #[error("llama.cpp could not create a context for model {model}: {message}")]
+    ContextCreate { model: String, message: String },
+
+    #[error("tokenizer for model {model}: {message}")]
+    Tokenizer { model: String, message: String },
+
+    #[error("unknown model {0:?}")]
+    UnknownModel(String),
+
+    #[error("model {model} is busy: {waiting} requests already wait for a sequence (queue limit {limit})")]
+    QueueFull {
+        model: String,
+        waiting: usize,
+        limit: usize,
+    },
+
+    #[error("model {model} is busy: no sequence became free within {waited:?}")]
+    AdmissionTimeout { model: String, waited: Duration },
+
+    #[error("context full: the sequence would hold {requested} tokens, the limit is {limit}")]
+    ContextFull { requested: usize, limit: usize },
+
+    #[error("the KV cache of model {model} is full; retry later or with a shorter prompt")]
+    KvCacheFull { model: String },
+
+    #[error("token id {token} is out of range for a vocabulary of {vocab}")]
+    InvalidToken { token: i32, vocab: usize },
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("this sequence was interrupted by a cancelled call and can no longer be used")]
+    SequenceBroken,
+
+    #[error("llama.cpp decode failed: {0}")]
+    Decode(String),
+
+    #[error("the scheduler of model {0} has stopped")]
+    SchedulerStopped(String),
+}
+
+impl EngineError {
+    /// True when the caller sent something wrong (as opposed to the engine being busy or broken).
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            EngineError::UnknownModel(_)
+                | EngineError::ContextFull { .. }
+                | EngineError::InvalidToken { .. }
+                | EngineError::InvalidArgument(_)
+                | EngineError::SequenceBroken
+        )
+    }
+
+    /// True when retrying later may succeed.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            EngineError::QueueFull { .. }
+                | EngineError::AdmissionTimeout { .. }
+                | EngineError::KvCacheFull { .. }
+        )
+    }
+}

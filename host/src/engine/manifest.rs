@@ -1,0 +1,220 @@
+//! Model manifests: one TOML file per model in `models/`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::EngineError;
+
+/// A model as its manifest describes it. Relative paths are resolved against the
+/// manifest's folder.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelManifest {
+    /// Name guests and clients use (`load-by-name`, OpenAI `model`).
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// The GGUF file.
+    pub file: PathBuf,
+    /// Expected sha256 of `file`, checked at load. Absent for generated test models.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Most tokens one sequence may hold (prompt plus generated).
+    #[serde(default = "defaults::context_length")]
+    pub context_length: usize,
+    /// llama.cpp threads for decoding.
+    #[serde(default = "defaults::threads")]
+    pub threads: i32,
+    /// Layers offloaded to the GPU (needs the `cuda` build).
+    #[serde(default)]
+    pub n_gpu_layers: u32,
+    /// Sequences that may be open at once; further opens queue.
+    #[serde(default = "defaults::max_sequences")]
+    pub max_sequences: usize,
+    /// Tokens per llama.cpp batch.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// Chat template: a llama.cpp built-in name (`chatml`, `gemma`, `llama3`, ...) or a
+    /// template text. Overrides the GGUF's `tokenizer.chat_template`.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// A Hugging Face `tokenizer.json` to tokenize with instead of the GGUF vocabulary.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Opens allowed to wait for a free sequence before new ones are refused.
+    #[serde(default)]
+    pub max_queue: Option<usize>,
+    /// How long an open may wait for a free sequence.
+    #[serde(default = "defaults::queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
+    /// Closed sequences whose KV cells are kept for prefix reuse until the space is needed.
+    #[serde(default = "defaults::prefix_cache_sequences")]
+    pub prefix_cache_sequences: usize,
+    /// Shortest common prefix worth sharing between sequences.
+    #[serde(default = "defaults::min_shared_prefix")]
+    pub min_shared_prefix: usize,
+    /// Longest wait, after a step, for sequences about to submit their next token.
+    #[serde(default = "defaults::max_batch_wait_us")]
+    pub max_batch_wait_us: u64,
+    /// Where `models/fetch.py` gets the weights; the host ignores it.
+    #[serde(default)]
+    pub source: Option<toml::Table>,
+}
+
+mod defaults {
+    pub fn context_length() -> usize {
+        2048
+    }
+    pub fn threads() -> i32 {
+        std::thread::available_parallelism().map_or(2, |n| n.get().min(8) as i32)
+    }
+    pub fn max_sequences() -> usize {
+        16
+    }
+    pub fn batch_size() -> usize {
+        512
+    }
+    pub fn queue_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn prefix_cache_sequences() -> usize {
+        4
+    }
+    pub fn min_shared_prefix() -> usize {
+        8
+    }
+    pub fn max_batch_wait_us() -> u64 {
+        5_000
+    }
+}
+
+impl ModelManifest {
+    /// Parse and validate a manifest file; paths come back absolute.
+    pub fn from_file(path: &Path) -> Result<Self, EngineError> {
+        let err = |message: String| EngineError::Manifest {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut m: ModelManifest = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        m.file = dir.join(&m.file);
+        m.tokenizer = m.tokenizer.map(|t| dir.join(t));
+        m.validate().map_err(err)?;
+        Ok(m)
+    }
+
+    /// A manifest for a GGUF file with every other setting at its default.
+    pub fn for_file(name: &str, file: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.to_string(),
+            description: String::new(),
+            file: file.into(),
+            sha256: None,
+            context_length: defaults::context_length(),
+            threads: defaults::threads(),
+            n_gpu_layers: 0,
+            max_sequences: defaults::max_sequences(),
+            batch_size: defaults::batch_size(),
+            chat_template: None,
+            tokenizer: None,
+            max_queue: None,
+            queue_timeout_ms: defaults::queue_timeout_ms(),
+            prefix_cache_sequences: defaults::prefix_cache_sequences(),
+            min_shared_prefix: defaults::min_shared_prefix(),
+            max_batch_wait_us: defaults::max_batch_wait_us(),
+            source: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
+                self.name
+            ));
+        }
+        if let Some(h) = &self.sha256 {
+            if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(format!("sha256 {h:?} is not 64 hex digits"));
+            }
+        }
+        let positive = [
+            ("context_length", self.context_length),
+            ("max_sequences", self.max_sequences),
+            ("batch_size", self.batch_size),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
+        if self.threads < 1 {
+            return Err("threads must be at least 1".into());
+        }
+        if self.batch_size < self.max_sequences {
+            return Err(format!(
+                "batch_size ({}) must be at least max_sequences ({}) so every sequence can decode each step",
+                self.batch_size, self.max_sequences
+            ));
+        }
+        if self.max_sequences + self.prefix_cache_sequences > 256 {
+            return Err(
+                "max_sequences + prefix_cache_sequences must be at most 256 (llama.cpp's limit)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens allowed to wait for a sequence.
+    pub fn queue_limit(&self) -> usize {
+        self.max_queue.unwrap_or(self.max_sequences * 4)
+    }
+
+    /// Total KV cells: every sequence can reach `context_length` at once.
+    pub fn kv_cells(&self) -> usize {
+        self.context_length * self.max_sequences
+    }
+
+    /// Load every `*.toml` manifest in a folder, sorted by file name.
+    pub fn load_dir(dir: &Path) -> Result<Vec<Self>, EngineError> {
+        let entries = std::fs::read_dir(dir).map_err(|e| EngineError::Manifest {
+            path: dir.to_path_buf(),
+            message: format!("cannot read folder: {e}"),
+        })?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        paths.sort();
+        paths.iter().map(|p| Self::from_file(p)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let dir = std::env::temp_dir().join(format!("flywheel-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.toml");
+        std::fs::write(&p, "name = \"m\"\nfile = \"m.gguf\"\ncontext_lenght = 5\n").unwrap();
+        let e = ModelManifest::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("context_lenght"), "{e}");
+        std::fs::write(&p, "name = \"m\"\nfile = \"m.gguf\"\nmax_sequences = 0\n").unwrap();
+        let e = ModelManifest::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("max_sequences"), "{e}");
+        std::fs::write(&p, "name = \"m\"\nfile = \"m.gguf\"\n").unwrap();
+        let m = ModelManifest::from_file(&p).unwrap();
+        assert_eq!(m.file, dir.join("m.gguf"));
+    }
+}

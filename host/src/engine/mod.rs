@@ -1,0 +1,72 @@
+//! The inference engine: models, sequences and the continuous-batching scheduler.
+//!
+//! Knows nothing of WebAssembly or HTTP. Callers are async; each model's llama.cpp
+//! context lives on its own scheduler thread and is reached through a channel.
+
+mod backend;
+mod error;
+mod manifest;
+mod model;
+pub(crate) mod scheduler;
+mod sequence;
+mod tokenizer;
+pub mod topk;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use backend::supports_gpu_offload;
+pub use error::EngineError;
+pub use manifest::ModelManifest;
+pub use model::{EngineStats, Model, ModelInfo};
+pub use scheduler::context_params;
+pub use sequence::{Output, Sequence, Want};
+
+/// Told about every batch the scheduler runs (metrics hook it).
+pub trait StepObserver: Send + Sync {
+    fn on_step(&self, model: &str, tokens: usize, sequences: usize, duration: Duration);
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl StepObserver for NoObserver {
+    fn on_step(&self, _: &str, _: usize, _: usize, _: Duration) {}
+}
+
+/// All loaded models, by name.
+#[derive(Default)]
+pub struct Engine {
+    models: BTreeMap<String, Arc<Model>>,
+}
+
+impl Engine {
+    /// Load every manifest; the first failure stops the load and names its model.
+    pub fn load(
+        manifests: Vec<ModelManifest>,
+        observer: Arc<dyn StepObserver>,
+    ) -> Result<Self, EngineError> {
+        let mut models = BTreeMap::new();
+        for m in manifests {
+            if models.contains_key(&m.name) {
+                return Err(EngineError::Manifest {
+                    path: m.file.clone(),
+                    message: format!("two manifests name the model {:?}", m.name),
+                });
+            }
+            let model = Model::load(m, observer.clone())?;
+            models.insert(model.name().to_string(), model);
+        }
+        Ok(Self { models })
+    }
+
+    pub fn model(&self, name: &str) -> Result<&Arc<Model>, EngineError> {
+        self.models
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownModel(name.to_string()))
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &Arc<Model>> {
+        self.models.values()
+    }
+}

@@ -1,0 +1,348 @@
+//! A loaded model: facts, tokenization, admission control and the handle to its scheduler.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use sha2::{Digest, Sha256};
+use tokio::sync::{oneshot, Semaphore};
+
+use super::backend::backend;
+use super::scheduler::{self, Command};
+use super::tokenizer::{Tokenizer, Vocab};
+use super::{EngineError, ModelManifest, Sequence, StepObserver, Want};
+
+/// Facts about a model that guests and clients need.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub description: String,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub bos: Option<i32>,
+    pub eos: Option<i32>,
+    pub eot: Option<i32>,
+    /// Every end-of-generation token.
+    pub end_of_generation: Vec<i32>,
+    pub adds_bos: bool,
+    pub chat_template: Option<String>,
+    pub max_sequences: usize,
+}
+
+/// Live counters of one model's engine; cheap to read from any thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences open now.
+    pub active_sequences: AtomicUsize,
+    /// Opens waiting for a free sequence.
+    pub waiting_opens: AtomicUsize,
+    /// Tokens in the KV cells of open sequences (shared prefixes count once per sequence).
+    pub kv_tokens: AtomicUsize,
+    /// Tokens of closed sequences kept for prefix reuse.
+    pub cached_tokens: AtomicUsize,
+    /// Prompt tokens computed.
+    pub prefill_tokens: AtomicU64,
+    /// Prompt tokens taken from KV cells another sequence had already computed.
+    pub reused_tokens: AtomicU64,
+    /// Generated tokens decoded.
+    pub decode_tokens: AtomicU64,
+    /// llama.cpp batches run.
+    pub steps: AtomicU64,
+    pub sequences_opened: AtomicU64,
+}
+
+pub struct Model {
+    manifest: ModelManifest,
+    info: ModelInfo,
+    vocab: Vocab,
+    tx: Sender<Command>,
+    admission: Arc<Semaphore>,
+    stats: Arc<EngineStats>,
+}
+
+fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+fn opt_token(t: LlamaToken) -> Option<i32> {
+    (t.0 >= 0).then_some(t.0)
+}
+
+impl Model {
+    /// Verify the file, load the weights and start the scheduler thread.
+    pub fn load(
+        manifest: ModelManifest,
+        observer: Arc<dyn StepObserver>,
+    ) -> Result<Arc<Self>, EngineError> {
+        let path = manifest.file.clone();
+        let expected = manifest
+            .sha256
+            .clone()
+            .unwrap_or_else(|| "(none given)".into());
+        let missing = |reason: String| EngineError::ModelFileMissing {
+            model: manifest.name.clone(),
+            path: path.clone(),
+            reason,
+            expected: expected.clone(),
+        };
+        let meta = std::fs::metadata(&path).map_err(|e| missing(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(missing("not a regular file".into()));
+        }
+        if let Some(want) = &manifest.sha256 {
+            let actual = sha256_file(&path).map_err(|e| missing(e.to_string()))?;
+            if !actual.eq_ignore_ascii_case(want) {
+                return Err(EngineError::ModelFileCorrupt {
+                    model: manifest.name.clone(),
+                    path,
+                    actual,
+                    expected: want.clone(),
+                });
+            }
+        }
+        check_gguf_header(&path)?;
+
+        let backend = backend()?;
+        let params = LlamaModelParams::default().with_n_gpu_layers(manifest.n_gpu_layers);
+        let llama = LlamaModel::load_from_file(backend, &path, &params).map_err(|e| {
+            EngineError::ModelLoad {
+                path: path.clone(),
+                message: format!(
+                    "{e} (the file is not a model llama.cpp can read; see the log above)"
+                ),
+            }
+        })?;
+        let llama = Arc::new(llama);
+        let tokenizer = Tokenizer::load(&manifest.name, manifest.tokenizer.as_deref())?;
+        let n_vocab = usize::try_from(llama.n_vocab()).unwrap_or(0);
+        let info = model_info(&manifest, &llama, n_vocab);
+        let vocab = Vocab {
+            name: manifest.name.clone(),
+            llama: llama.clone(),
+            tokenizer,
+            n_vocab,
+        };
+        let stats = Arc::new(EngineStats::default());
+        let tx = scheduler::start(&manifest, llama, n_vocab, stats.clone(), observer)?;
+        tracing::info!(
+            model = %manifest.name,
+            vocab = n_vocab,
+            context_length = manifest.context_length,
+            max_sequences = manifest.max_sequences,
+            "model loaded"
+        );
+        Ok(Arc::new(Self {
+            admission: Arc::new(Semaphore::new(manifest.max_sequences)),
+            manifest,
+            info,
+            vocab,
+            tx,
+            stats,
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn manifest(&self) -> &ModelManifest {
+        &self.manifest
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Open a sequence, waiting (bounded) for a free slot.
+    pub async fn open(self: &Arc<Self>) -> Result<Sequence, EngineError> {
+        let permit = match self.admission.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let limit = self.manifest.queue_limit();
+                let waiting = self.stats.waiting_opens.fetch_add(1, Ordering::Relaxed);
+                let _queued = DecrementOnDrop(&self.stats.waiting_opens);
+                if waiting >= limit {
+                    return Err(EngineError::QueueFull {
+                        model: self.name().to_string(),
+                        waiting,
+                        limit,
+                    });
+                }
+                let waited = Duration::from_millis(self.manifest.queue_timeout_ms);
+                match tokio::time::timeout(waited, self.admission.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Err(self.stopped()),
+                    Err(_) => {
+                        return Err(EngineError::AdmissionTimeout {
+                            model: self.name().to_string(),
+                            waited,
+                        })
+                    }
+                }
+            }
+        };
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Open { reply })?;
+        let seq_id = rx.await.map_err(|_| self.stopped())??;
+        self.stats.active_sequences.fetch_add(1, Ordering::Relaxed);
+        self.stats.sequences_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Sequence::new(self.clone(), seq_id, permit))
+    }
+
+    pub fn tokenize(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<i32>, EngineError> {
+        self.vocab.tokenize(text, add_special, parse_special)
+    }
+
+    pub fn detokenize(&self, tokens: &[i32], render_special: bool) -> Result<String, EngineError> {
+        self.vocab.detokenize(tokens, render_special)
+    }
+
+    pub fn token_bytes(
+        &self,
+        tokens: &[i32],
+        render_special: bool,
+    ) -> Result<Vec<Vec<u8>>, EngineError> {
+        self.vocab.token_bytes(tokens, render_special)
+    }
+
+    pub fn is_end_of_generation(&self, token: i32) -> bool {
+        self.info.end_of_generation.contains(&token)
+    }
+
+    /// Render `(role, content)` messages with the model's chat template.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[(String, String)],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
+        let template = self.info.chat_template.as_deref().ok_or_else(|| {
+            EngineError::ChatTemplate(format!(
+                "model {} has no chat template; set chat_template in its manifest",
+                self.name()
+            ))
+        })?;
+        let template = LlamaChatTemplate::new(template).map_err(|_| {
+            EngineError::ChatTemplate("the chat template contains a NUL byte".into())
+        })?;
+        let messages = messages
+            .iter()
+            .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                EngineError::InvalidArgument("a chat message contains a NUL byte".into())
+            })?;
+        self.vocab.llama.apply_chat_template(&template, &messages, add_generation_prompt).map_err(|e| {
+            EngineError::ChatTemplate(format!(
+                "llama.cpp cannot apply the chat template of model {} ({e}); name a built-in template such as \"chatml\" in its manifest",
+                self.name()
+            ))
+        })
+    }
+
+    /// Check a feed before it reaches the scheduler thread.
+    pub(crate) fn validate_feed(&self, tokens: &[i32], want: &Want) -> Result<(), EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidArgument("no tokens to feed".into()));
+        }
+        let vocab = self.info.vocab_size;
+        let bad = |t: &i32| *t < 0 || *t as usize >= vocab;
+        if let Some(&token) = tokens.iter().find(|t| bad(t)) {
+            return Err(EngineError::InvalidToken { token, vocab });
+        }
+        if let Want::TopK { k, allowed } = want {
+            if *k == 0 {
+                return Err(EngineError::InvalidArgument(
+                    "top_k must be at least 1".into(),
+                ));
+            }
+            if let Some(allowed) = allowed {
+                if allowed.is_empty() {
+                    return Err(EngineError::InvalidArgument("allowed_ids is empty".into()));
+                }
+                if let Some(&token) = allowed.iter().find(|t| bad(t)) {
+                    return Err(EngineError::InvalidToken { token, vocab });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn send(&self, cmd: Command) -> Result<(), EngineError> {
+        self.tx.send(cmd).map_err(|_| self.stopped())
+    }
+
+    pub(crate) fn stopped(&self) -> EngineError {
+        EngineError::SchedulerStopped(self.name().to_string())
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Shutdown);
+    }
+}
+
+struct DecrementOnDrop<'a>(&'a AtomicUsize);
+impl Drop for DecrementOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Refuse files that are not GGUF before llama.cpp sees them (its loader only logs why).
+fn check_gguf_header(path: &std::path::Path) -> Result<(), EngineError> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
+    match read {
+        Ok(()) if &magic[..4] == b"GGUF" => Ok(()),
+        Ok(()) => Err(EngineError::ModelLoad {
+            path: path.to_path_buf(),
+            message: "not a GGUF file (bad magic bytes)".into(),
+        }),
+        Err(e) => Err(EngineError::ModelLoad {
+            path: path.to_path_buf(),
+            message: format!("file too short to be a GGUF model: {e}"),
+        }),
+    }
+}
+
+fn model_info(manifest: &ModelManifest, llama: &LlamaModel, n_vocab: usize) -> ModelInfo {
+    let vocab = llama.vocab();
+    let end_of_generation = (0..n_vocab as i32)
+        .filter(|&t| vocab.is_eog(LlamaToken(t)))
+        .collect();
+    let chat_template = manifest
+        .chat_template
+        .clone()
+        .or_else(|| llama.meta_val_str("tokenizer.chat_template").ok());
+    ModelInfo {
+        name: manifest.name.clone(),
+        description: manifest.description.clone(),
+        vocab_size: n_vocab,
+        context_length: manifest.context_length,
+        bos: opt_token(vocab.bos()),
+        eos: opt_token(vocab.eos()),
+        eot: opt_token(vocab.eot()),
+        end_of_generation,
+        adds_bos: vocab.should_add_bos(),
+        chat_template,
+        max_sequences: manifest.max_sequences,
+    }
+}

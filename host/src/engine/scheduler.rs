@@ -1,0 +1,745 @@
+//! The batch scheduler: one thread per model owns the llama.cpp context.
+//!
+//! Callers talk to it over a channel. Each step packs every ready sequence's tokens into
+//! one llama.cpp batch (one decode token per generating sequence first, then prompt
+//! chunks up to the batch budget), runs it, and answers each sequence whose input is
+//! complete from its own logits row. Sequences join and leave between steps.
+//!
+//! Prefix reuse: a fresh prompt that starts with tokens already computed for another live
+//! or recently closed sequence gets those KV cells by `seq_cp` (metadata only with a
+//! unified KV cache); fresh prompts arriving in the same step that share a prefix compute
+//! it once, as batch entries tagged with several sequence ids.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::DecodeError;
+use tokio::sync::oneshot;
+
+use super::backend::{backend, CONTEXT_CREATION};
+use super::model::EngineStats;
+use super::{topk, EngineError, ModelManifest, Output, StepObserver, Want};
+
+pub(crate) enum Command {
+    Open {
+        reply: oneshot::Sender<Result<i32, EngineError>>,
+    },
+    Feed {
+        seq: i32,
+        tokens: Vec<i32>,
+        want: Want,
+        reply: oneshot::Sender<Result<Output, EngineError>>,
+    },
+    Close {
+        seq: i32,
+    },
+    Shutdown,
+}
+
+/// Context settings shared by the scheduler and the native baseline of `bench engine`.
+pub fn context_params(m: &ModelManifest) -> LlamaContextParams {
+    let n_ctx = u32::try_from(m.kv_cells()).unwrap_or(u32::MAX);
+    let n_batch = u32::try_from(m.batch_size).unwrap_or(u32::MAX);
+    LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch)
+        .with_n_seq_max(seq_slots(m) as u32)
+        // One pool of cells for all sequences: shared prefixes cost nothing and any
+        // sequence may grow to context_length.
+        .with_kv_unified(true)
+        .with_n_threads(m.threads)
+        .with_n_threads_batch(m.threads)
+}
+
+/// Sequence ids: the live ones plus the closed ones kept for prefix reuse.
+fn seq_slots(m: &ModelManifest) -> usize {
+    m.max_sequences + m.prefix_cache_sequences
+}
+
+/// Start the scheduler thread; returns once its context exists.
+pub(crate) fn start(
+    manifest: &ModelManifest,
+    llama: Arc<LlamaModel>,
+    n_vocab: usize,
+    stats: Arc<EngineStats>,
+    observer: Arc<dyn StepObserver>,
+) -> Result<Sender<Command>, EngineError> {
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let manifest = manifest.clone();
+    let name = manifest.name.clone();
+    std::thread::Builder::new()
+        .name(format!("sched-{name}"))
+        .spawn(move || {
+            let params = context_params(&manifest);
+            let ctx = {
+                let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
+                backend().and_then(|b| {
+                    llama.new_context(b, params).map_err(|e| EngineError::ContextCreate {
+                        model: manifest.name.clone(),
+                        message: format!("{e} (is kv_cells = context_length x max_sequences too large for memory?)"),
+                    })
+                })
+            };
+            let ctx = match ctx {
+                Ok(ctx) => {
+                    let _ = ready_tx.send(Ok(()));
+                    ctx
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            Scheduler::new(&manifest, ctx, n_vocab, rx, stats, observer).run();
+            tracing::debug!(model = %manifest.name, "scheduler stopped");
+        })
+        .map_err(|e| EngineError::ContextCreate { model: name.clone(), message: format!("cannot spawn thread: {e}") })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(tx),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(EngineError::ContextCreate {
+            model: name,
+            message: "scheduler thread died".into(),
+        }),
+    }
+}
+
+struct Feed {
+    want: Want,
+    reply: oneshot::Sender<Result<Output, EngineError>>,
+}
+
+struct Live {
+    /// Tokens whose KV cells exist, at positions 0..len.
+    history: Vec<i32>,
+    /// Tokens of the current feed not yet computed.
+    pending: Vec<i32>,
+    feed: Option<Feed>,
+    /// When this sequence's last feed was answered, until its next command arrives.
+    answered_at: Option<Instant>,
+    /// The current feed has not yet looked for a reusable prefix.
+    fresh: bool,
+}
+
+enum Slot {
+    Free,
+    Live(Live),
+    /// A closed sequence whose cells are kept for prefix reuse until the space is needed.
+    Cached {
+        history: Vec<i32>,
+        last_used: u64,
+    },
+}
+
+/// One batch entry: a token at a position, computed for one or more sequences.
+struct Entry {
+    token: i32,
+    pos: i32,
+    seqs: Vec<i32>,
+    logits: bool,
+}
+
+/// What one sequence gets from a step.
+struct Planned {
+    seq: i32,
+    /// Leading pending tokens computed by another sequence's entries in this step.
+    shared: usize,
+    /// Own pending tokens in this step.
+    own: usize,
+    /// Batch index of the row that answers the feed, when the feed completes in this step.
+    answer_row: Option<usize>,
+    prefill: bool,
+}
+
+struct Scheduler<'m> {
+    name: String,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    n_vocab: usize,
+    n_batch: usize,
+    context_length: usize,
+    prefix_cache_sequences: usize,
+    min_shared_prefix: usize,
+    max_batch_wait: Duration,
+    slots: Vec<Slot>,
+    /// Sequences with work, in arrival order (fairness for prompt chunks).
+    queue: VecDeque<i32>,
+    rx: Receiver<Command>,
+    stats: Arc<EngineStats>,
+    observer: Arc<dyn StepObserver>,
+    clock: u64,
+    last_step_end: Instant,
+    last_step_time: Duration,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl<'m> Scheduler<'m> {
+    fn new(
+        m: &ModelManifest,
+        ctx: LlamaContext<'m>,
+        n_vocab: usize,
+        rx: Receiver<Command>,
+        stats: Arc<EngineStats>,
+        observer: Arc<dyn StepObserver>,
+    ) -> Self {
+        let slots = seq_slots(m);
+        let n_batch = (ctx.n_batch() as usize).min(m.batch_size);
+        Self {
+            name: m.name.clone(),
+            ctx,
+            // Each token may belong to every sequence (a prefix shared by all).
+            batch: LlamaBatch::new(n_batch, slots as i32),
+            n_vocab,
+            n_batch,
+            context_length: m.context_length,
+            prefix_cache_sequences: m.prefix_cache_sequences,
+            min_shared_prefix: m.min_shared_prefix.max(1),
+            max_batch_wait: Duration::from_micros(m.max_batch_wait_us),
+            slots: (0..slots).map(|_| Slot::Free).collect(),
+            queue: VecDeque::new(),
+            rx,
+            stats,
+            observer,
+            clock: 0,
+            last_step_end: Instant::now(),
+            last_step_time: Duration::ZERO,
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.queue.is_empty() {
+                // Nothing to compute: sleep until a caller asks for something.
+                match self.rx.recv() {
+                    Ok(cmd) => {
+                        if let Flow::Stop = self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+                continue;
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                if let Flow::Stop = self.handle(cmd) {
+                    return;
+                }
+            }
+            if let Flow::Stop = self.wait_for_stragglers() {
+                return;
+            }
+            if !self.queue.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Give sequences answered by the last step a short, bounded chance to submit their next
+    /// token, so they decode in this step instead of forming a second, smaller batch.
+    fn wait_for_stragglers(&mut self) -> Flow {
+        let budget =
+            (self.last_step_time / 2).clamp(Duration::from_micros(50), self.max_batch_wait);
+        let deadline = self.last_step_end + budget;
+        while self.awaiting_any() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.rx.recv_timeout(deadline - now) {
+                Ok(cmd) => {
+                    if let Flow::Stop = self.handle(cmd) {
+                        return Flow::Stop;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return Flow::Stop,
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Whether a sequence answered by the last step has not come back yet.
+    fn awaiting_any(&self) -> bool {
+        self.slots.iter().any(|s| match s {
+            Slot::Live(l) => l
+                .answered_at
+                .is_some_and(|t| t >= self.last_step_end - self.last_step_time),
+            _ => false,
+        })
+    }
+
+    fn handle(&mut self, cmd: Command) -> Flow {
+        match cmd {
+            Command::Open { reply } => {
+                let r = self.open();
+                let _ = reply.send(r);
+            }
+            Command::Feed {
+                seq,
+                tokens,
+                want,
+                reply,
+            } => {
+                if let Err(e) = self.accept_feed(seq, tokens, want, reply) {
+                    tracing::debug!(model = %self.name, seq, error = %e, "feed refused");
+                }
+            }
+            Command::Close { seq } => self.close(seq),
+            Command::Shutdown => return Flow::Stop,
+        }
+        Flow::Continue
+    }
+
+    fn open(&mut self) -> Result<i32, EngineError> {
+        let free = match self.slots.iter().position(|s| matches!(s, Slot::Free)) {
+            Some(i) => i,
+            None => self.evict_lru().ok_or_else(|| EngineError::KvCacheFull {
+                model: self.name.clone(),
+            })?,
+        };
+        self.slots[free] = Slot::Live(Live {
+            history: Vec::new(),
+            pending: Vec::new(),
+            feed: None,
+            answered_at: None,
+            fresh: true,
+        });
+        Ok(free as i32)
+    }
+
+    fn accept_feed(
+        &mut self,
+        seq: i32,
+        tokens: Vec<i32>,
+        want: Want,
+        reply: oneshot::Sender<Result<Output, EngineError>>,
+    ) -> Result<(), EngineError> {
+        let limit = self.context_length;
+        let n_vocab = self.n_vocab;
+        let live = match self.slots.get_mut(seq as usize) {
+            Some(Slot::Live(l)) => l,
+            _ => {
+                let e = EngineError::InvalidArgument(format!("sequence {seq} is not open"));
+                let _ = reply.send(Err(EngineError::InvalidArgument(e.to_string())));
+                return Err(e);
+            }
+        };
+        live.answered_at = None;
+        let check = if live.feed.is_some() {
+            Err(EngineError::InvalidArgument(
+                "a feed is already in progress".into(),
+            ))
+        } else if tokens.is_empty() {
+            Err(EngineError::InvalidArgument("no tokens to feed".into()))
+        } else if let Some(&token) = tokens.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
+            // Also checked by the caller: an out-of-range id would abort the process in llama.cpp.
+            Err(EngineError::InvalidToken {
+                token,
+                vocab: n_vocab,
+            })
+        } else if live.history.len() + tokens.len() > limit {
+            Err(EngineError::ContextFull {
+                requested: live.history.len() + tokens.len(),
+                limit,
+            })
+        } else {
+            Ok(())
+        };
+        if let Err(e) = check {
+            let msg = e.to_string();
+            let _ = reply.send(Err(e));
+            return Err(EngineError::InvalidArgument(msg));
+        }
+        live.fresh = live.history.is_empty();
+        live.pending = tokens;
+        live.feed = Some(Feed { want, reply });
+        self.queue.push_back(seq);
+        Ok(())
+    }
+
+    fn close(&mut self, seq: i32) {
+        let Some(slot) = self.slots.get_mut(seq as usize) else {
+            return;
+        };
+        let Slot::Live(live) = std::mem::replace(slot, Slot::Free) else {
+            return;
+        };
+        self.queue.retain(|&s| s != seq);
+        self.stats
+            .kv_tokens
+            .fetch_sub(live.history.len(), Ordering::Relaxed);
+        if self.prefix_cache_sequences > 0 && live.history.len() >= self.min_shared_prefix {
+            self.clock += 1;
+            self.stats
+                .cached_tokens
+                .fetch_add(live.history.len(), Ordering::Relaxed);
+            self.slots[seq as usize] = Slot::Cached {
+                history: live.history,
+                last_used: self.clock,
+            };
+            while self.cached_count() > self.prefix_cache_sequences {
+                self.evict_lru();
+            }
+        } else {
+            self.remove_cells(seq);
+        }
+    }
+
+    fn cached_count(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Cached { .. }))
+            .count()
+    }
+
+    /// Free the least recently used cached sequence; returns its id.
+    fn evict_lru(&mut self) -> Option<usize> {
+        let victim = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Cached { last_used, .. } => Some((i, *last_used)),
+                _ => None,
+            })
+            .min_by_key(|&(_, t)| t)
+            .map(|(i, _)| i)?;
+        if let Slot::Cached { history, .. } = std::mem::replace(&mut self.slots[victim], Slot::Free)
+        {
+            self.stats
+                .cached_tokens
+                .fetch_sub(history.len(), Ordering::Relaxed);
+        }
+        self.remove_cells(victim as i32);
+        Some(victim)
+    }
+
+    fn remove_cells(&mut self, seq: i32) {
+        if let Err(e) = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None) {
+            tracing::error!(model = %self.name, seq, error = %e, "failed to free KV cells");
+        }
+    }
+
+    fn live(&mut self, seq: i32) -> Option<&mut Live> {
+        match self.slots.get_mut(seq as usize) {
+            Some(Slot::Live(l)) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// Reuse KV cells of the live or cached sequence sharing the longest prefix with a fresh
+    /// prompt. Returns the number of tokens taken over.
+    fn reuse_prefix(&mut self, seq: i32) -> usize {
+        let Some(live) = self.live(seq) else { return 0 };
+        live.fresh = false;
+        if !live.history.is_empty() || live.pending.len() < 2 {
+            return 0;
+        }
+        let prompt = std::mem::take(&mut live.pending);
+        // Keep at least one token to compute: its row answers the feed.
+        let cap = prompt.len() - 1;
+        let mut best: Option<(usize, usize)> = None;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let history = match slot {
+                Slot::Live(l) if i as i32 != seq => &l.history,
+                Slot::Cached { history, .. } => history,
+                _ => continue,
+            };
+            let n = common_prefix(history, &prompt).min(cap);
+            if n >= self.min_shared_prefix && best.is_none_or(|(_, b)| n > b) {
+                best = Some((i, n));
+            }
+        }
+        let mut reused = 0;
+        if let Some((src, n)) = best {
+            match self
+                .ctx
+                .copy_kv_cache_seq(src as i32, seq, None, Some(n as u32))
+            {
+                Ok(()) => {
+                    reused = n;
+                    self.clock += 1;
+                    let clock = self.clock;
+                    if let Slot::Cached { last_used, .. } = &mut self.slots[src] {
+                        *last_used = clock;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(model = %self.name, seq, error = %e, "prefix copy failed; computing it")
+                }
+            }
+        }
+        if let Some(live) = self.live(seq) {
+            live.history.extend_from_slice(&prompt[..reused]);
+            live.pending = prompt[reused..].to_vec();
+        }
+        if reused > 0 {
+            self.stats
+                .reused_tokens
+                .fetch_add(reused as u64, Ordering::Relaxed);
+            self.stats.kv_tokens.fetch_add(reused, Ordering::Relaxed);
+        }
+        reused
+    }
+
+    /// Plan one batch: decode tokens first, then prompt chunks in arrival order.
+    fn plan(&mut self, entries: &mut Vec<Entry>) -> Vec<Planned> {
+        let mut planned = Vec::new();
+        let order: Vec<i32> = self.queue.iter().copied().collect();
+        // Decode tokens: one per generating sequence.
+        for &seq in &order {
+            let Some(live) = self.live(seq) else { continue };
+            if live.pending.len() == 1 && !live.history.is_empty() {
+                entries.push(Entry {
+                    token: live.pending[0],
+                    pos: live.history.len() as i32,
+                    seqs: vec![seq],
+                    logits: true,
+                });
+                planned.push(Planned {
+                    seq,
+                    shared: 0,
+                    own: 1,
+                    answer_row: Some(entries.len() - 1),
+                    prefill: false,
+                });
+            }
+        }
+        // Fresh prompts started in this step, for in-step sharing: (seq, first entry index, tokens).
+        let mut leaders: Vec<(i32, usize, Vec<i32>)> = Vec::new();
+        for &seq in &order {
+            if entries.len() >= self.n_batch {
+                break;
+            }
+            let Some(live) = self.live(seq) else { continue };
+            if live.pending.len() == 1 && !live.history.is_empty() {
+                continue; // a decode token, already planned
+            }
+            if live.fresh {
+                self.reuse_prefix(seq);
+            }
+            let Some(live) = self.live(seq) else { continue };
+            let start = live.history.len();
+            let pending = live.pending.clone();
+            let mut shared = 0;
+            if start == 0 {
+                // Share the longest prefix another fresh prompt computes in this step.
+                let cap = pending.len() - 1;
+                let best = leaders
+                    .iter()
+                    .map(|(_, first, toks)| (*first, common_prefix(toks, &pending).min(cap)))
+                    .max_by_key(|&(_, n)| n);
+                if let Some((first, n)) = best.filter(|&(_, n)| n >= self.min_shared_prefix) {
+                    for e in &mut entries[first..first + n] {
+                        e.seqs.push(seq);
+                    }
+                    shared = n;
+                }
+            }
+            let room = self.n_batch - entries.len();
+            let own = (pending.len() - shared).min(room);
+            let first = entries.len();
+            for (i, &token) in pending[shared..shared + own].iter().enumerate() {
+                entries.push(Entry {
+                    token,
+                    pos: (start + shared + i) as i32,
+                    seqs: vec![seq],
+                    logits: false,
+                });
+            }
+            let completes = shared + own == pending.len();
+            if completes {
+                if let Some(e) = entries.last_mut() {
+                    e.logits = true;
+                }
+            }
+            if start == 0 && shared == 0 && own > 0 {
+                leaders.push((seq, first, pending[..own].to_vec()));
+            }
+            planned.push(Planned {
+                seq,
+                shared,
+                own,
+                answer_row: completes.then(|| entries.len() - 1),
+                prefill: true,
+            });
+        }
+        planned
+    }
+
+    fn step(&mut self) {
+        let started = Instant::now();
+        let mut entries = Vec::with_capacity(self.n_batch);
+        let mut planned = self.plan(&mut entries);
+        if entries.is_empty() {
+            // Only possible if every queued sequence vanished; drop stale queue entries.
+            self.queue.retain(
+                |&s| matches!(self.slots.get(s as usize), Some(Slot::Live(l)) if l.feed.is_some()),
+            );
+            return;
+        }
+        let mut result = self.decode(&entries);
+        // Out of KV cells: free cached prefixes, then give up on the prompts, then on everyone.
+        while matches!(result, Err(DecodeError::NoKvCacheSlot)) {
+            if self.evict_lru().is_some() {
+                result = self.decode(&entries);
+                continue;
+            }
+            let prefills: Vec<i32> = planned
+                .iter()
+                .filter(|p| p.prefill)
+                .map(|p| p.seq)
+                .collect();
+            if prefills.is_empty() || prefills.len() == planned.len() {
+                break;
+            }
+            for &seq in &prefills {
+                self.fail(
+                    seq,
+                    EngineError::KvCacheFull {
+                        model: self.name.clone(),
+                    },
+                );
+            }
+            planned.retain(|p| !p.prefill);
+            entries.retain(|e| !e.seqs.iter().any(|s| prefills.contains(s)));
+            result = self.decode(&entries);
+        }
+        if let Err(e) = result {
+            let err = match e {
+                DecodeError::NoKvCacheSlot => EngineError::KvCacheFull {
+                    model: self.name.clone(),
+                },
+                other => EngineError::Decode(other.to_string()),
+            };
+            tracing::error!(model = %self.name, error = %err, tokens = entries.len(), "decode failed");
+            for p in &planned {
+                self.fail(p.seq, clone_error(&err, &self.name));
+            }
+            return;
+        }
+        self.finish(&planned, &entries);
+        let now = Instant::now();
+        self.last_step_time = now - started;
+        self.last_step_end = now;
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.observer.on_step(
+            &self.name,
+            entries.len(),
+            planned.len(),
+            self.last_step_time,
+        );
+    }
+
+    fn decode(&mut self, entries: &[Entry]) -> Result<(), DecodeError> {
+        self.batch.clear();
+        for e in entries {
+            if let Err(err) = self
+                .batch
+                .add(LlamaToken(e.token), e.pos, &e.seqs, e.logits)
+            {
+                return Err(DecodeError::Unknown(match err {
+                    llama_cpp_2::llama_batch::BatchAddError::InsufficientSpace(n) => n as i32,
+                    llama_cpp_2::llama_batch::BatchAddError::EmptyBuffer => -1,
+                }));
+            }
+        }
+        let r = self.ctx.decode(&mut self.batch);
+        if r.is_err() {
+            // Compute errors may leave part of the batch applied: trim every touched sequence
+            // back to what its history says.
+            for e in entries {
+                for &s in &e.seqs {
+                    let keep = match self.slots.get(s as usize) {
+                        Some(Slot::Live(l)) => l.history.len(),
+                        _ => 0,
+                    };
+                    let _ = self
+                        .ctx
+                        .clear_kv_cache_seq(Some(s as u32), Some(keep as u32), None);
+                }
+            }
+        }
+        r
+    }
+
+    /// Record what the step computed and answer every completed feed.
+    fn finish(&mut self, planned: &[Planned], entries: &[Entry]) {
+        let now = Instant::now();
+        for p in planned {
+            let Some(Slot::Live(live)) = self.slots.get_mut(p.seq as usize) else {
+                continue;
+            };
+            let advanced = p.shared + p.own;
+            live.history.extend(live.pending.drain(..advanced));
+            self.stats.kv_tokens.fetch_add(advanced, Ordering::Relaxed);
+            if p.prefill {
+                self.stats
+                    .prefill_tokens
+                    .fetch_add(p.own as u64, Ordering::Relaxed);
+                self.stats
+                    .reused_tokens
+                    .fetch_add(p.shared as u64, Ordering::Relaxed);
+            } else {
+                self.stats.decode_tokens.fetch_add(1, Ordering::Relaxed);
+            }
+            let Some(row) = p.answer_row else { continue };
+            let Some(feed) = live.feed.take() else {
+                continue;
+            };
+            live.answered_at = Some(now);
+            debug_assert!(entries[row].logits);
+            let logits = self.ctx.get_logits_ith(row as i32);
+            let out = match feed.want {
+                Want::Logits => Output::Logits(logits.to_vec()),
+                Want::TopK { k, allowed } => {
+                    let (ids, logits) = topk::top_k(logits, k, allowed.as_deref());
+                    Output::TopK { ids, logits }
+                }
+            };
+            let _ = feed.reply.send(Ok(out));
+        }
+        self.queue.retain(
+            |&s| matches!(self.slots.get(s as usize), Some(Slot::Live(l)) if l.feed.is_some()),
+        );
+    }
+
+    /// Answer a sequence's feed with an error; its computed history stays valid.
+    fn fail(&mut self, seq: i32, err: EngineError) {
+        if let Some(live) = self.live(seq) {
+            live.pending.clear();
+            if let Some(feed) = live.feed.take() {
+                let _ = feed.reply.send(Err(err));
+            }
+        }
+        self.queue.retain(|&s| s != seq);
+    }
+}
+
+fn common_prefix(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn clone_error(e: &EngineError, model: &str) -> EngineError {
+    match e {
+        EngineError::KvCacheFull { .. } => EngineError::KvCacheFull {
+            model: model.to_string(),
+        },
+        other => EngineError::Decode(other.to_string()),
+    }
+}

@@ -1,0 +1,103 @@
+//! A sequence: one caller's token stream with its own KV cells, decoded in the shared batch.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use super::scheduler::Command;
+use super::{EngineError, Model};
+
+/// What a feed returns for the last position.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Want {
+    /// The whole logits row (`vocab_size` floats).
+    Logits,
+    /// The `k` best candidates, best first, optionally only among `allowed` ids.
+    TopK { k: usize, allowed: Option<Vec<i32>> },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Logits(Vec<f32>),
+    TopK { ids: Vec<i32>, logits: Vec<f32> },
+}
+
+/// An open sequence. Dropping it frees its KV cells (or hands them to the prefix cache)
+/// at the scheduler's next command, and frees its admission slot.
+pub struct Sequence {
+    model: Arc<Model>,
+    seq_id: i32,
+    len: usize,
+    /// Set while a feed is in flight; stays set if that feed's future was dropped,
+    /// because the scheduler may still have computed part of it.
+    in_flight: bool,
+    // Declared last: released after `Drop::drop` has queued the close.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Sequence {
+    pub(crate) fn new(model: Arc<Model>, seq_id: i32, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            model,
+            seq_id,
+            len: 0,
+            in_flight: false,
+            _permit: permit,
+        }
+    }
+
+    /// Tokens held so far (prompt plus fed generated tokens).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Append `tokens` (a prompt chunk or one generated token) and get the output for the
+    /// last position once the batch that computes it has run.
+    pub async fn feed(&mut self, tokens: &[i32], want: Want) -> Result<Output, EngineError> {
+        if self.in_flight {
+            return Err(EngineError::SequenceBroken);
+        }
+        let limit = self.model.info().context_length;
+        if self.len + tokens.len() > limit {
+            return Err(EngineError::ContextFull {
+                requested: self.len + tokens.len(),
+                limit,
+            });
+        }
+        self.model.validate_feed(tokens, &want)?;
+        let (reply, rx) = oneshot::channel();
+        self.model.send(Command::Feed {
+            seq: self.seq_id,
+            tokens: tokens.to_vec(),
+            want,
+            reply,
+        })?;
+        self.in_flight = true;
+        let out = rx.await.map_err(|_| self.model.stopped())?;
+        self.in_flight = false;
+        if out.is_ok() {
+            self.len += tokens.len();
+        }
+        out
+    }
+}
+
+impl Drop for Sequence {
+    fn drop(&mut self) {
+        // If the scheduler is gone there is nothing left to free.
+        let _ = self.model.send(Command::Close { seq: self.seq_id });
+        self.model
+            .stats()
+            .active_sequences
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}

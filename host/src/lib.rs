@@ -1,0 +1,5 @@
+//! Flywheel: a serverless WebAssembly runtime for LLM inference.
+//!
+//! Data flows one way: HTTP → plugin instance → wasi-nn → engine scheduler → llama.cpp.
+
+pub mod engine;
