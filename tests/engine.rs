@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flywheel::engine::{
-    Engine, EngineError, ModelManifest, NoObserver, Output, StepObserver, Want,
-};
+use flywheel::engine::{Engine, EngineError, ModelManifest, NoObserver, Output, StepObserver, Want};
 use support::*;
 
 /// Records the largest batch the scheduler ran.
@@ -66,20 +64,13 @@ async fn batched_decoding_matches_solo_as_sequences_come_and_go() {
         let batched = t.await.unwrap();
         assert_rows_close(&solo[i].0, &batched, 0.05, &format!("sequence {i}"));
     }
-    assert!(
-        observer.0.load(Ordering::Relaxed) >= 4,
-        "sequences never shared a batch"
-    );
+    assert!(observer.0.load(Ordering::Relaxed) >= 4, "sequences never shared a batch");
     let stats = model.stats();
     assert_eq!(stats.active_sequences.load(Ordering::Relaxed), 0);
 }
 
 /// Greedy generation that keeps every logits row: (rows, generated tokens).
-async fn greedy_rows(
-    seq: &mut flywheel::engine::Sequence,
-    prompt: &[i32],
-    n: usize,
-) -> (Vec<Vec<f32>>, Vec<i32>) {
+async fn greedy_rows(seq: &mut flywheel::engine::Sequence, prompt: &[i32], n: usize) -> (Vec<Vec<f32>>, Vec<i32>) {
     let mut rows = vec![logits(seq.feed(prompt, Want::Logits).await.unwrap())];
     let mut toks = Vec::new();
     for _ in 0..n {
@@ -93,18 +84,11 @@ async fn greedy_rows(
 fn assert_rows_close(solo: &[Vec<f32>], batched: &[Vec<f32>], tolerance: f32, what: &str) {
     assert_eq!(solo.len(), batched.len());
     for (pos, (a, b)) in solo.iter().zip(batched).enumerate() {
-        let max_diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let max_diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         if std::env::var_os("FLYWHEEL_TEST_VERBOSE").is_some() {
             eprintln!("{what}, row {pos}: max logit difference {max_diff}");
         }
-        assert!(
-            max_diff < tolerance,
-            "{what}, row {pos}: logits differ by {max_diff}"
-        );
+        assert!(max_diff < tolerance, "{what}, row {pos}: logits differ by {max_diff}");
         let (ids, top) = flywheel::engine::topk::top_k(a, 2, None);
         if top[0] - top[1] > tolerance {
             assert_eq!(
@@ -122,7 +106,7 @@ async fn closing_frees_kv_cells_for_the_next_sequences() {
     m.context_length = 64;
     m.max_sequences = 4; // 256 KV cells: four full sequences at once
     m.batch_size = 64;
-    m.prefix_cache_sequences = 0;
+    m.prefix_cache_mb = 0;
     let model = load(m);
     for i in 0..100 {
         let mut seq = model.open().await.unwrap();
@@ -135,17 +119,17 @@ async fn closing_frees_kv_cells_for_the_next_sequences() {
     // The close is processed before any later command; a new open observes it.
     let _probe = model.open().await.unwrap();
     assert_eq!(model.stats().kv_tokens.load(Ordering::Relaxed), 0);
-    assert_eq!(model.stats().cached_tokens.load(Ordering::Relaxed), 0);
+    assert_eq!(model.stats().cached_prefixes.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kv_is_reused_from_cache_under_pressure_without_errors() {
-    // With the prefix cache on, closed sequences keep their cells until space is needed.
+async fn a_small_context_serves_many_sequences_with_the_prefix_cache_on() {
+    // Closed sequences go to the host-memory cache; their KV cells are free at once.
     let mut m = tiny_manifest("tiny-pressure");
     m.context_length = 64;
     m.max_sequences = 4;
     m.batch_size = 64;
-    m.prefix_cache_sequences = 4;
+    m.prefix_cache_mb = 64;
     let model = load(m);
     let mut tasks = Vec::new();
     for w in 0..4 {
@@ -167,7 +151,7 @@ async fn kv_is_reused_from_cache_under_pressure_without_errors() {
 async fn prefix_reuse_matches_cold_prefill_and_skips_shared_work() {
     let cold_model = {
         let mut m = tiny_manifest("tiny-cold");
-        m.prefix_cache_sequences = 0;
+        m.prefix_cache_mb = 0;
         m.min_shared_prefix = usize::MAX;
         load(m)
     };
@@ -189,11 +173,7 @@ async fn prefix_reuse_matches_cold_prefill_and_skips_shared_work() {
     let warm = greedy(&mut b, &other, 16).await;
     let computed = warm_model.stats().prefill_tokens.load(Ordering::Relaxed) - before;
     assert_eq!(warm, cold, "reused prefix changes the output");
-    assert_eq!(
-        computed as usize,
-        other.len() - 32,
-        "the shared 32 tokens were computed again"
-    );
+    assert_eq!(computed as usize, other.len() - 32, "the shared 32 tokens were computed again");
     drop(a);
     drop(b);
 
@@ -220,7 +200,7 @@ async fn prompts_arriving_together_compute_their_shared_prefix_once() {
     let mut cold = Vec::new();
     {
         let mut m = tiny_manifest("tiny-together-cold");
-        m.prefix_cache_sequences = 0;
+        m.prefix_cache_mb = 0;
         m.min_shared_prefix = usize::MAX;
         let cold_model = load(m);
         for p in &prompts {
@@ -243,10 +223,7 @@ async fn prompts_arriving_together_compute_their_shared_prefix_once() {
     }
     let computed = model.stats().prefill_tokens.load(Ordering::Relaxed) as usize;
     let total: usize = prompts.iter().map(Vec::len).sum();
-    assert!(
-        computed <= total - 4 * shared.len(),
-        "computed {computed} of {total} prompt tokens"
-    );
+    assert!(computed <= total - 4 * shared.len(), "computed {computed} of {total} prompt tokens");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,16 +237,7 @@ async fn context_full_fails_one_sequence_and_not_the_others() {
     let p = prompt(&model, 4, 30);
     full.feed(&p, greedy_want()).await.unwrap();
     let err = full.feed(&[5, 6, 7], greedy_want()).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EngineError::ContextFull {
-                requested: 33,
-                limit: 32
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, EngineError::ContextFull { requested: 33, limit: 32 }), "{err}");
     // Exactly at the limit still works, and the other sequence is unaffected.
     full.feed(&[5, 6], greedy_want()).await.unwrap();
     assert_eq!(greedy(&mut other, &p_other, 10).await.len(), 10);
@@ -281,51 +249,17 @@ async fn bad_feeds_get_clear_errors() {
     let vocab = model.info().vocab_size as i32;
     let mut seq = model.open().await.unwrap();
     let e = seq.feed(&[1, vocab], greedy_want()).await.unwrap_err();
-    assert!(
-        matches!(e, EngineError::InvalidToken { token, .. } if token == vocab),
-        "{e}"
-    );
+    assert!(matches!(e, EngineError::InvalidToken { token, .. } if token == vocab), "{e}");
     let e = seq.feed(&[-1], greedy_want()).await.unwrap_err();
-    assert!(
-        matches!(e, EngineError::InvalidToken { token: -1, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, EngineError::InvalidToken { token: -1, .. }), "{e}");
     let e = seq.feed(&[], greedy_want()).await.unwrap_err();
     assert!(matches!(e, EngineError::InvalidArgument(_)), "{e}");
-    let e = seq
-        .feed(
-            &[1],
-            Want::TopK {
-                k: 0,
-                allowed: None,
-            },
-        )
-        .await
-        .unwrap_err();
+    let e = seq.feed(&[1], Want::TopK { k: 0, allowed: None }).await.unwrap_err();
     assert!(matches!(e, EngineError::InvalidArgument(_)), "{e}");
-    let e = seq
-        .feed(
-            &[1],
-            Want::TopK {
-                k: 2,
-                allowed: Some(vec![3, vocab + 5]),
-            },
-        )
-        .await
-        .unwrap_err();
+    let e = seq.feed(&[1], Want::TopK { k: 2, allowed: Some(vec![3, vocab + 5]) }).await.unwrap_err();
     assert!(matches!(e, EngineError::InvalidToken { .. }), "{e}");
     // The sequence still works, and allowed ids restrict the candidates.
-    match seq
-        .feed(
-            &[1, 50, 60],
-            Want::TopK {
-                k: 5,
-                allowed: Some(vec![70, 71, 72]),
-            },
-        )
-        .await
-        .unwrap()
-    {
+    match seq.feed(&[1, 50, 60], Want::TopK { k: 5, allowed: Some(vec![70, 71, 72]) }).await.unwrap() {
         Output::TopK { ids, logits } => {
             assert_eq!(ids.len(), 3);
             assert!(ids.iter().all(|i| (70..=72).contains(i)));
@@ -368,19 +302,12 @@ async fn admission_queues_then_times_out_or_refuses() {
 #[test]
 fn missing_corrupt_and_garbage_model_files_are_clear_errors() {
     let dir = scratch_dir("bad-models");
-    let load_err = |m: ModelManifest| {
-        Engine::load(vec![m], Arc::new(NoObserver))
-            .err()
-            .expect("load must fail")
-    };
+    let load_err = |m: ModelManifest| Engine::load(vec![m], Arc::new(NoObserver)).err().expect("load must fail");
 
     let mut m = ModelManifest::for_file("missing", dir.join("absent.gguf"));
     m.sha256 = Some("ab".repeat(32));
     let e = load_err(m).to_string();
-    assert!(
-        e.contains("absent.gguf") && e.contains(&"ab".repeat(32)),
-        "{e}"
-    );
+    assert!(e.contains("absent.gguf") && e.contains(&"ab".repeat(32)), "{e}");
 
     let corrupt = dir.join("corrupt.gguf");
     let mut bytes = std::fs::read(tiny_model_path()).unwrap();
@@ -418,37 +345,19 @@ async fn vocab_and_chat_template() {
     assert_eq!(info.bos, Some(tiny_gguf::BOS_ID as i32));
     assert_eq!(info.eos, Some(tiny_gguf::EOS_ID as i32));
     assert!(info.end_of_generation.contains(&(tiny_gguf::EOS_ID as i32)));
-    let ids = model
-        .tokenize("hello world, once upon a time", true, false)
-        .unwrap();
+    let ids = model.tokenize("hello world, once upon a time", true, false).unwrap();
     assert_eq!(ids[0], tiny_gguf::BOS_ID as i32);
-    assert_eq!(
-        model.detokenize(&ids[1..], false).unwrap(),
-        "hello world, once upon a time"
-    );
+    assert_eq!(model.detokenize(&ids[1..], false).unwrap(), "hello world, once upon a time");
     let bytes: Vec<u8> = model.token_bytes(&ids[1..], false).unwrap().concat();
-    assert_eq!(
-        String::from_utf8(bytes).unwrap().trim_start(),
-        "hello world, once upon a time"
-    );
+    assert_eq!(String::from_utf8(bytes).unwrap().trim_start(), "hello world, once upon a time");
     // Non-ASCII text goes through byte fallback and round-trips.
     let ids = model.tokenize("héllo ✓", false, false).unwrap();
-    assert_eq!(
-        model.detokenize(&ids, false).unwrap().trim_start(),
-        "héllo ✓"
-    );
-    let chat = model
-        .apply_chat_template(&[("user".into(), "hi".into())], true)
-        .unwrap();
-    assert_eq!(
-        chat,
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    );
+    assert_eq!(model.detokenize(&ids, false).unwrap().trim_start(), "héllo ✓");
+    let chat = model.apply_chat_template(&[("user".into(), "hi".into())], true).unwrap();
+    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     let ids = model.tokenize(&chat, true, true).unwrap();
     assert!(ids.contains(&(tiny_gguf::IM_START_ID as i32)));
-    assert!(model
-        .detokenize(&[vocab_out_of_range(&model)], false)
-        .is_err());
+    assert!(model.detokenize(&[vocab_out_of_range(&model)], false).is_err());
 }
 
 fn vocab_out_of_range(model: &flywheel::engine::Model) -> i32 {
@@ -469,15 +378,7 @@ async fn default_model_batched_logits_match_solo_within_tolerance() {
     m.context_length = 256;
     let model = load(m);
     let prompts: Vec<Vec<i32>> = (0..8)
-        .map(|i| {
-            model
-                .tokenize(
-                    &format!("Write a short story number {i} about a robot who"),
-                    true,
-                    false,
-                )
-                .unwrap()
-        })
+        .map(|i| model.tokenize(&format!("Write a short story number {i} about a robot who"), true, false).unwrap())
         .collect();
     let steps = 16;
     let mut solo = Vec::new();

@@ -2,4 +2,5 @@
 //!
 //! Data flows one way: HTTP → plugin instance → wasi-nn → engine scheduler → llama.cpp.
 
+pub mod bench;
 pub mod engine;

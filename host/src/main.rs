@@ -1,1 +1,227 @@
-fn main() {}
+//! The `flywheel` command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use flywheel::bench;
+use flywheel::engine::{Engine, Model, ModelManifest, NoObserver, Output, Want};
+
+#[derive(Parser)]
+#[command(name = "flywheel", version, about = "Serverless WebAssembly runtime for LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text once with a model and print it (greedy).
+    Generate(GenerateArgs),
+    /// Inspect model manifests.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Benchmarks that print a table (or JSON rows).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Folder of model manifests.
+    #[arg(long, default_value = "models")]
+    models_dir: PathBuf,
+    /// Model name (default: smollm2).
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (a user message, rendered with the model's chat template unless --raw).
+    prompt: String,
+    /// Use the prompt as-is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// List manifests and whether their weights are present.
+    List {
+        #[arg(long, default_value = "models")]
+        models_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The engine's continuous batching against a native llama-cpp-2 lockstep loop.
+    Engine(EngineBenchArgs),
+}
+
+#[derive(Args)]
+struct EngineBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Concurrent sequences to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    n: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    prompt: usize,
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    /// Override the manifest's thread count.
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Alternating runs per configuration (rows report the median).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// One JSON object per row instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,flywheel=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn load_manifest(args: &ModelArgs) -> anyhow::Result<ModelManifest> {
+    let path = args.models_dir.join(format!("{}.toml", args.model));
+    if path.exists() {
+        return Ok(ModelManifest::from_file(&path)?);
+    }
+    let all = ModelManifest::load_dir(&args.models_dir)?;
+    all.into_iter()
+        .find(|m| m.name == args.model)
+        .with_context(|| format!("no manifest in {} names model {:?}", args.models_dir.display(), args.model))
+}
+
+fn load_model(manifest: ModelManifest) -> anyhow::Result<Arc<Model>> {
+    let engine = Engine::load(vec![manifest], Arc::new(NoObserver))?;
+    let model = engine.models().next().cloned();
+    model.context("no model loaded")
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Generate(args) => small_runtime()?.block_on(generate(args)),
+        Command::Models(ModelsCommand::List { models_dir }) => list_models(&models_dir),
+        // One thread for the callers: the decode threads get the cores, as in the native loop.
+        Command::Bench(BenchCommand::Engine(args)) => small_runtime()?.block_on(bench_engine(args)),
+    }
+}
+
+/// A single-threaded runtime for commands whose async work is light.
+fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let model = load_model(load_manifest(&args.model)?)?;
+    let text = if args.raw {
+        args.prompt.clone()
+    } else {
+        model.apply_chat_template(&[("user".into(), args.prompt.clone())], true)?
+    };
+    let prompt = model.tokenize(&text, true, true)?;
+    let mut seq = model.open().await?;
+    let want = Want::TopK { k: 1, allowed: None };
+    let mut input = prompt;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut stdout = std::io::stdout().lock();
+    for _ in 0..args.max_tokens {
+        let Output::TopK { ids, .. } = seq.feed(&input, want.clone()).await? else {
+            anyhow::bail!("unexpected output kind");
+        };
+        let next = *ids.first().context("no candidate")?;
+        if model.is_end_of_generation(next) {
+            break;
+        }
+        // Print whole UTF-8 characters only; a character may span tokens.
+        pending.extend(model.token_bytes(&[next], false)?.concat());
+        let valid = match std::str::from_utf8(&pending) {
+            Ok(s) => s.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        stdout.write_all(&pending[..valid])?;
+        stdout.flush()?;
+        pending.drain(..valid);
+        input = vec![next];
+    }
+    writeln!(stdout)?;
+    Ok(())
+}
+
+fn list_models(dir: &Path) -> anyhow::Result<()> {
+    for m in ModelManifest::load_dir(dir)? {
+        let state = if m.file.exists() { "present" } else { "not fetched" };
+        println!("{:<14} {:<12} {}  {}", m.name, state, m.file.display(), m.description);
+    }
+    Ok(())
+}
+
+async fn bench_engine(args: EngineBenchArgs) -> anyhow::Result<()> {
+    let mut manifest = load_manifest(&args.model)?;
+    if let Some(t) = args.threads {
+        manifest.threads = t;
+    }
+    let max_n = args.n.iter().copied().max().unwrap_or(1);
+    manifest.max_sequences = manifest.max_sequences.max(max_n);
+    manifest.context_length = manifest.context_length.min((args.prompt + args.gen).next_power_of_two().max(256));
+    let title = format!(
+        "bench engine: model {} threads {} (prompt {}, gen {}, greedy)",
+        manifest.name, manifest.threads, args.prompt, args.gen
+    );
+    let model = load_model(manifest)?;
+    let b = bench::engine::EngineBench {
+        ns: args.n,
+        prompt: args.prompt,
+        gen: args.gen,
+        repeat: args.repeat,
+        ..Default::default()
+    };
+    let json = args.json;
+    let rows = b
+        .run(&model, |r| {
+            if !json {
+                eprintln!("  measured {} n={}: {:.1} tok/s", r.mode, r.n, r.tok_s);
+            }
+        })
+        .await?;
+    bench::print_table(&title, &rows, json);
+    if !json {
+        print_engine_ratios(&rows);
+    }
+    Ok(())
+}
+
+fn print_engine_ratios(rows: &[bench::Row]) {
+    println!("\nengine / native tok/s:");
+    for r in rows.iter().filter(|r| r.mode == "engine") {
+        if let Some(native) = rows.iter().find(|x| x.mode == "native" && x.n == r.n) {
+            println!("  n={:<3} {:.3}", r.n, r.tok_s / native.tok_s);
+        }
+    }
+    let distinct = rows.iter().filter(|r| r.mode == "engine").max_by_key(|r| r.n);
+    let shared = rows.iter().find(|r| r.mode == "engine-shared-prefix");
+    if let (Some(d), Some(s)) = (distinct, shared) {
+        println!(
+            "shared prefix at n={}: prefill {:.2}x, ttft {:.2}x, tok/s {:.2}x of distinct prompts",
+            s.n,
+            s.prefill_tokens as f64 / d.prefill_tokens.max(1) as f64,
+            s.ttft_ms / d.ttft_ms.max(1e-9),
+            s.tok_s / d.tok_s.max(1e-9)
+        );
+    }
+}

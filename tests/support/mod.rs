@@ -21,9 +21,7 @@ pub fn tiny_model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let path = scratch_dir("models").join("tiny.gguf");
-        tiny_gguf::TinyModel::default()
-            .write_to(&path)
-            .expect("write tiny model");
+        tiny_gguf::TinyModel::default().write_to(&path).expect("write tiny model");
         path
     })
     .clone()
@@ -55,9 +53,7 @@ pub fn default_model_manifest() -> Option<ModelManifest> {
 
 /// Deterministic distinct prompts of `len` tokens drawn from the tiny vocabulary.
 pub fn prompt(model: &Model, seed: usize, len: usize) -> Vec<i32> {
-    let words = [
-        "the", "cat", "dog", "story", "once", "upon", "time", "world", "hello", "edge",
-    ];
+    let words = ["the", "cat", "dog", "story", "once", "upon", "time", "world", "hello", "edge"];
     let mut text = format!("Prompt {seed}:");
     let mut i = seed;
     let mut toks = model.tokenize(&text, true, false).expect("tokenize");
@@ -79,10 +75,7 @@ pub fn top1(out: &Output) -> i32 {
 }
 
 pub fn greedy_want() -> Want {
-    Want::TopK {
-        k: 1,
-        allowed: None,
-    }
+    Want::TopK { k: 1, allowed: None }
 }
 
 /// Feed a prompt and generate `n` greedy tokens (ignoring end-of-generation).

@@ -187,11 +187,7 @@ pub struct TinyModel {
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self {
-            seed: 42,
-            context_length: 4096,
-            chat_template: true,
-        }
+        Self { seed: 42, context_length: 4096, chat_template: true }
     }
 }
 
@@ -216,29 +212,14 @@ impl TinyModel {
             ("llama.block_count", Value::U32(N_LAYER as u32)),
             ("llama.feed_forward_length", Value::U32(N_FF as u32)),
             ("llama.attention.head_count", Value::U32(N_HEAD as u32)),
-            (
-                "llama.attention.head_count_kv",
-                Value::U32(N_HEAD_KV as u32),
-            ),
-            (
-                "llama.rope.dimension_count",
-                Value::U32((N_EMBD / N_HEAD) as u32),
-            ),
+            ("llama.attention.head_count_kv", Value::U32(N_HEAD_KV as u32)),
+            ("llama.rope.dimension_count", Value::U32((N_EMBD / N_HEAD) as u32)),
             ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
             ("llama.vocab_size", Value::U32(n_vocab as u32)),
             ("tokenizer.ggml.model", Value::Str("llama".into())),
-            (
-                "tokenizer.ggml.tokens",
-                Value::StrArray(vocab.iter().map(|t| t.0.clone()).collect()),
-            ),
-            (
-                "tokenizer.ggml.scores",
-                Value::F32Array(vocab.iter().map(|t| t.1).collect()),
-            ),
-            (
-                "tokenizer.ggml.token_type",
-                Value::I32Array(vocab.iter().map(|t| t.2).collect()),
-            ),
+            ("tokenizer.ggml.tokens", Value::StrArray(vocab.iter().map(|t| t.0.clone()).collect())),
+            ("tokenizer.ggml.scores", Value::F32Array(vocab.iter().map(|t| t.1).collect())),
+            ("tokenizer.ggml.token_type", Value::I32Array(vocab.iter().map(|t| t.2).collect())),
             ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
             ("tokenizer.ggml.bos_token_id", Value::U32(BOS_ID)),
             ("tokenizer.ggml.eos_token_id", Value::U32(EOS_ID)),
@@ -268,11 +249,7 @@ impl TinyModel {
             tensor(format!("blk.{i}.attn_q.weight"), vec![e, e], Some(0.25));
             tensor(format!("blk.{i}.attn_k.weight"), vec![e, kv], Some(0.25));
             tensor(format!("blk.{i}.attn_v.weight"), vec![e, kv], Some(0.25));
-            tensor(
-                format!("blk.{i}.attn_output.weight"),
-                vec![e, e],
-                Some(0.25),
-            );
+            tensor(format!("blk.{i}.attn_output.weight"), vec![e, e], Some(0.25));
             tensor(format!("blk.{i}.ffn_norm.weight"), vec![e], None);
             tensor(format!("blk.{i}.ffn_gate.weight"), vec![e, f], Some(0.25));
             tensor(format!("blk.{i}.ffn_up.weight"), vec![e, f], Some(0.25));
@@ -316,7 +293,7 @@ impl TinyModel {
 }
 
 fn pad(out: &mut Vec<u8>) {
-    while out.len() % ALIGNMENT != 0 {
+    while !out.len().is_multiple_of(ALIGNMENT) {
         out.push(0);
     }
 }

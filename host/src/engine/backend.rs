@@ -1,5 +1,7 @@
 //! The process-wide llama.cpp backend.
 //!
+//! `backend()` starts it on first use; everything that loads models goes through it.
+//!
 //! llama-cpp-2 allows one `LlamaBackend` at a time, and creating contexts mutates the
 //! model through a shared pointer, so both are serialized here.
 
@@ -12,9 +14,9 @@ use super::EngineError;
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
 /// Held while a llama.cpp context is created.
-pub(crate) static CONTEXT_CREATION: Mutex<()> = Mutex::new(());
+pub static CONTEXT_CREATION: Mutex<()> = Mutex::new(());
 
-pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
+pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
     let b = BACKEND.get_or_init(|| {
         llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
         LlamaBackend::init().map_err(|e| e.to_string())

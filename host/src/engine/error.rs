@@ -9,20 +9,10 @@ pub enum EngineError {
     Manifest { path: PathBuf, message: String },
 
     #[error("model file {path} is missing or unreadable ({reason}); fetch it with `python3 models/fetch.py {model}` (expected sha256 {expected})")]
-    ModelFileMissing {
-        model: String,
-        path: PathBuf,
-        reason: String,
-        expected: String,
-    },
+    ModelFileMissing { model: String, path: PathBuf, reason: String, expected: String },
 
     #[error("model file {path} is corrupt or truncated: sha256 is {actual}, expected {expected}; fetch it again with `python3 models/fetch.py {model}`")]
-    ModelFileCorrupt {
-        model: String,
-        path: PathBuf,
-        actual: String,
-        expected: String,
-    },
+    ModelFileCorrupt { model: String, path: PathBuf, actual: String, expected: String },
 
     #[error("llama.cpp could not load model file {path}: {message}")]
     ModelLoad { path: PathBuf, message: String },
@@ -37,11 +27,7 @@ pub enum EngineError {
     UnknownModel(String),
 
     #[error("model {model} is busy: {waiting} requests already wait for a sequence (queue limit {limit})")]
-    QueueFull {
-        model: String,
-        waiting: usize,
-        limit: usize,
-    },
+    QueueFull { model: String, waiting: usize, limit: usize },
 
     #[error("model {model} is busy: no sequence became free within {waited:?}")]
     AdmissionTimeout { model: String, waited: Duration },
@@ -88,9 +74,7 @@ impl EngineError {
     pub fn is_busy(&self) -> bool {
         matches!(
             self,
-            EngineError::QueueFull { .. }
-                | EngineError::AdmissionTimeout { .. }
-                | EngineError::KvCacheFull { .. }
+            EngineError::QueueFull { .. } | EngineError::AdmissionTimeout { .. } | EngineError::KvCacheFull { .. }
         )
     }
 }

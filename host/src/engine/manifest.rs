@@ -48,9 +48,10 @@ pub struct ModelManifest {
     /// How long an open may wait for a free sequence.
     #[serde(default = "defaults::queue_timeout_ms")]
     pub queue_timeout_ms: u64,
-    /// Closed sequences whose KV cells are kept for prefix reuse until the space is needed.
-    #[serde(default = "defaults::prefix_cache_sequences")]
-    pub prefix_cache_sequences: usize,
+    /// Host memory (MiB) for the KV state of closed sequences, reused when a new prompt
+    /// starts with the same tokens (multi-turn chat). 0 disables it.
+    #[serde(default = "defaults::prefix_cache_mb")]
+    pub prefix_cache_mb: usize,
     /// Shortest common prefix worth sharing between sequences.
     #[serde(default = "defaults::min_shared_prefix")]
     pub min_shared_prefix: usize,
@@ -78,8 +79,8 @@ mod defaults {
     pub fn queue_timeout_ms() -> u64 {
         30_000
     }
-    pub fn prefix_cache_sequences() -> usize {
-        4
+    pub fn prefix_cache_mb() -> usize {
+        256
     }
     pub fn min_shared_prefix() -> usize {
         8
@@ -92,10 +93,7 @@ mod defaults {
 impl ModelManifest {
     /// Parse and validate a manifest file; paths come back absolute.
     pub fn from_file(path: &Path) -> Result<Self, EngineError> {
-        let err = |message: String| EngineError::Manifest {
-            path: path.to_path_buf(),
-            message,
-        };
+        let err = |message: String| EngineError::Manifest { path: path.to_path_buf(), message };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let mut m: ModelManifest = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
@@ -121,7 +119,7 @@ impl ModelManifest {
             tokenizer: None,
             max_queue: None,
             queue_timeout_ms: defaults::queue_timeout_ms(),
-            prefix_cache_sequences: defaults::prefix_cache_sequences(),
+            prefix_cache_mb: defaults::prefix_cache_mb(),
             min_shared_prefix: defaults::min_shared_prefix(),
             max_batch_wait_us: defaults::max_batch_wait_us(),
             source: None,
@@ -129,16 +127,8 @@ impl ModelManifest {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.name.is_empty()
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(format!(
-                "name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
-                self.name
-            ));
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(format!("name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'", self.name));
         }
         if let Some(h) = &self.sha256 {
             if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -164,11 +154,8 @@ impl ModelManifest {
                 self.batch_size, self.max_sequences
             ));
         }
-        if self.max_sequences + self.prefix_cache_sequences > 256 {
-            return Err(
-                "max_sequences + prefix_cache_sequences must be at most 256 (llama.cpp's limit)"
-                    .into(),
-            );
+        if self.max_sequences > 256 {
+            return Err("max_sequences must be at most 256 (llama.cpp's limit)".into());
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use backend::supports_gpu_offload;
+pub use backend::{backend as backend_ref, supports_gpu_offload, CONTEXT_CREATION};
 pub use error::EngineError;
 pub use manifest::ModelManifest;
 pub use model::{EngineStats, Model, ModelInfo};
@@ -42,10 +42,7 @@ pub struct Engine {
 
 impl Engine {
     /// Load every manifest; the first failure stops the load and names its model.
-    pub fn load(
-        manifests: Vec<ModelManifest>,
-        observer: Arc<dyn StepObserver>,
-    ) -> Result<Self, EngineError> {
+    pub fn load(manifests: Vec<ModelManifest>, observer: Arc<dyn StepObserver>) -> Result<Self, EngineError> {
         let mut models = BTreeMap::new();
         for m in manifests {
             if models.contains_key(&m.name) {
@@ -61,9 +58,7 @@ impl Engine {
     }
 
     pub fn model(&self, name: &str) -> Result<&Arc<Model>, EngineError> {
-        self.models
-            .get(name)
-            .ok_or_else(|| EngineError::UnknownModel(name.to_string()))
+        self.models.get(name).ok_or_else(|| EngineError::UnknownModel(name.to_string()))
     }
 
     pub fn models(&self) -> impl Iterator<Item = &Arc<Model>> {

@@ -42,8 +42,10 @@ pub struct EngineStats {
     pub waiting_opens: AtomicUsize,
     /// Tokens in the KV cells of open sequences (shared prefixes count once per sequence).
     pub kv_tokens: AtomicUsize,
-    /// Tokens of closed sequences kept for prefix reuse.
-    pub cached_tokens: AtomicUsize,
+    /// Closed sequences whose KV state is cached in host memory for prefix reuse.
+    pub cached_prefixes: AtomicUsize,
+    /// Bytes those cached states take.
+    pub cached_bytes: AtomicUsize,
     /// Prompt tokens computed.
     pub prefill_tokens: AtomicU64,
     /// Prompt tokens taken from KV cells another sequence had already computed.
@@ -77,15 +79,9 @@ fn opt_token(t: LlamaToken) -> Option<i32> {
 
 impl Model {
     /// Verify the file, load the weights and start the scheduler thread.
-    pub fn load(
-        manifest: ModelManifest,
-        observer: Arc<dyn StepObserver>,
-    ) -> Result<Arc<Self>, EngineError> {
+    pub fn load(manifest: ModelManifest, observer: Arc<dyn StepObserver>) -> Result<Arc<Self>, EngineError> {
         let path = manifest.file.clone();
-        let expected = manifest
-            .sha256
-            .clone()
-            .unwrap_or_else(|| "(none given)".into());
+        let expected = manifest.sha256.clone().unwrap_or_else(|| "(none given)".into());
         let missing = |reason: String| EngineError::ModelFileMissing {
             model: manifest.name.clone(),
             path: path.clone(),
@@ -111,24 +107,15 @@ impl Model {
 
         let backend = backend()?;
         let params = LlamaModelParams::default().with_n_gpu_layers(manifest.n_gpu_layers);
-        let llama = LlamaModel::load_from_file(backend, &path, &params).map_err(|e| {
-            EngineError::ModelLoad {
-                path: path.clone(),
-                message: format!(
-                    "{e} (the file is not a model llama.cpp can read; see the log above)"
-                ),
-            }
+        let llama = LlamaModel::load_from_file(backend, &path, &params).map_err(|e| EngineError::ModelLoad {
+            path: path.clone(),
+            message: format!("{e} (the file is not a model llama.cpp can read; see the log above)"),
         })?;
         let llama = Arc::new(llama);
         let tokenizer = Tokenizer::load(&manifest.name, manifest.tokenizer.as_deref())?;
         let n_vocab = usize::try_from(llama.n_vocab()).unwrap_or(0);
         let info = model_info(&manifest, &llama, n_vocab);
-        let vocab = Vocab {
-            name: manifest.name.clone(),
-            llama: llama.clone(),
-            tokenizer,
-            n_vocab,
-        };
+        let vocab = Vocab { name: manifest.name.clone(), llama: llama.clone(), tokenizer, n_vocab };
         let stats = Arc::new(EngineStats::default());
         let tx = scheduler::start(&manifest, llama, n_vocab, stats.clone(), observer)?;
         tracing::info!(
@@ -160,6 +147,11 @@ impl Model {
         &self.manifest
     }
 
+    /// The llama.cpp model, for code that drives llama.cpp directly (the native bench baseline).
+    pub fn llama(&self) -> &Arc<LlamaModel> {
+        &self.vocab.llama
+    }
+
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
@@ -173,22 +165,13 @@ impl Model {
                 let waiting = self.stats.waiting_opens.fetch_add(1, Ordering::Relaxed);
                 let _queued = DecrementOnDrop(&self.stats.waiting_opens);
                 if waiting >= limit {
-                    return Err(EngineError::QueueFull {
-                        model: self.name().to_string(),
-                        waiting,
-                        limit,
-                    });
+                    return Err(EngineError::QueueFull { model: self.name().to_string(), waiting, limit });
                 }
                 let waited = Duration::from_millis(self.manifest.queue_timeout_ms);
                 match tokio::time::timeout(waited, self.admission.clone().acquire_owned()).await {
                     Ok(Ok(p)) => p,
                     Ok(Err(_)) => return Err(self.stopped()),
-                    Err(_) => {
-                        return Err(EngineError::AdmissionTimeout {
-                            model: self.name().to_string(),
-                            waited,
-                        })
-                    }
+                    Err(_) => return Err(EngineError::AdmissionTimeout { model: self.name().to_string(), waited }),
                 }
             }
         };
@@ -200,12 +183,7 @@ impl Model {
         Ok(Sequence::new(self.clone(), seq_id, permit))
     }
 
-    pub fn tokenize(
-        &self,
-        text: &str,
-        add_special: bool,
-        parse_special: bool,
-    ) -> Result<Vec<i32>, EngineError> {
+    pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<i32>, EngineError> {
         self.vocab.tokenize(text, add_special, parse_special)
     }
 
@@ -213,11 +191,7 @@ impl Model {
         self.vocab.detokenize(tokens, render_special)
     }
 
-    pub fn token_bytes(
-        &self,
-        tokens: &[i32],
-        render_special: bool,
-    ) -> Result<Vec<Vec<u8>>, EngineError> {
+    pub fn token_bytes(&self, tokens: &[i32], render_special: bool) -> Result<Vec<Vec<u8>>, EngineError> {
         self.vocab.token_bytes(tokens, render_special)
     }
 
@@ -237,16 +211,13 @@ impl Model {
                 self.name()
             ))
         })?;
-        let template = LlamaChatTemplate::new(template).map_err(|_| {
-            EngineError::ChatTemplate("the chat template contains a NUL byte".into())
-        })?;
+        let template = LlamaChatTemplate::new(template)
+            .map_err(|_| EngineError::ChatTemplate("the chat template contains a NUL byte".into()))?;
         let messages = messages
             .iter()
             .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| {
-                EngineError::InvalidArgument("a chat message contains a NUL byte".into())
-            })?;
+            .map_err(|_| EngineError::InvalidArgument("a chat message contains a NUL byte".into()))?;
         self.vocab.llama.apply_chat_template(&template, &messages, add_generation_prompt).map_err(|e| {
             EngineError::ChatTemplate(format!(
                 "llama.cpp cannot apply the chat template of model {} ({e}); name a built-in template such as \"chatml\" in its manifest",
@@ -267,9 +238,7 @@ impl Model {
         }
         if let Want::TopK { k, allowed } = want {
             if *k == 0 {
-                return Err(EngineError::InvalidArgument(
-                    "top_k must be at least 1".into(),
-                ));
+                return Err(EngineError::InvalidArgument("top_k must be at least 1".into()));
             }
             if let Some(allowed) = allowed {
                 if allowed.is_empty() {
@@ -325,13 +294,8 @@ fn check_gguf_header(path: &std::path::Path) -> Result<(), EngineError> {
 
 fn model_info(manifest: &ModelManifest, llama: &LlamaModel, n_vocab: usize) -> ModelInfo {
     let vocab = llama.vocab();
-    let end_of_generation = (0..n_vocab as i32)
-        .filter(|&t| vocab.is_eog(LlamaToken(t)))
-        .collect();
-    let chat_template = manifest
-        .chat_template
-        .clone()
-        .or_else(|| llama.meta_val_str("tokenizer.chat_template").ok());
+    let end_of_generation = (0..n_vocab as i32).filter(|&t| vocab.is_eog(LlamaToken(t))).collect();
+    let chat_template = manifest.chat_template.clone().or_else(|| llama.meta_val_str("tokenizer.chat_template").ok());
     ModelInfo {
         name: manifest.name.clone(),
         description: manifest.description.clone(),

@@ -38,13 +38,7 @@ pub struct Sequence {
 
 impl Sequence {
     pub(crate) fn new(model: Arc<Model>, seq_id: i32, permit: OwnedSemaphorePermit) -> Self {
-        Self {
-            model,
-            seq_id,
-            len: 0,
-            in_flight: false,
-            _permit: permit,
-        }
+        Self { model, seq_id, len: 0, in_flight: false, _permit: permit }
     }
 
     /// Tokens held so far (prompt plus fed generated tokens).
@@ -68,19 +62,11 @@ impl Sequence {
         }
         let limit = self.model.info().context_length;
         if self.len + tokens.len() > limit {
-            return Err(EngineError::ContextFull {
-                requested: self.len + tokens.len(),
-                limit,
-            });
+            return Err(EngineError::ContextFull { requested: self.len + tokens.len(), limit });
         }
         self.model.validate_feed(tokens, &want)?;
         let (reply, rx) = oneshot::channel();
-        self.model.send(Command::Feed {
-            seq: self.seq_id,
-            tokens: tokens.to_vec(),
-            want,
-            reply,
-        })?;
+        self.model.send(Command::Feed { seq: self.seq_id, tokens: tokens.to_vec(), want, reply })?;
         self.in_flight = true;
         let out = rx.await.map_err(|_| self.model.stopped())?;
         self.in_flight = false;
@@ -95,9 +81,6 @@ impl Drop for Sequence {
     fn drop(&mut self) {
         // If the scheduler is gone there is nothing left to free.
         let _ = self.model.send(Command::Close { seq: self.seq_id });
-        self.model
-            .stats()
-            .active_sequences
-            .fetch_sub(1, Ordering::Relaxed);
+        self.model.stats().active_sequences.fetch_sub(1, Ordering::Relaxed);
     }
 }

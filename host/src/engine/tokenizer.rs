@@ -18,12 +18,12 @@ impl Tokenizer {
     pub(crate) fn load(model: &str, path: Option<&Path>) -> Result<Self, EngineError> {
         match path {
             None => Ok(Tokenizer::Gguf),
-            Some(p) => tokenizers::Tokenizer::from_file(p)
-                .map(|t| Tokenizer::HuggingFace(Box::new(t)))
-                .map_err(|e| EngineError::Tokenizer {
+            Some(p) => tokenizers::Tokenizer::from_file(p).map(|t| Tokenizer::HuggingFace(Box::new(t))).map_err(|e| {
+                EngineError::Tokenizer {
                     model: model.to_string(),
                     message: format!("cannot load {}: {e}", p.display()),
-                }),
+                }
+            }),
         }
     }
 }
@@ -39,24 +39,13 @@ pub(crate) struct Vocab {
 impl Vocab {
     fn check(&self, tokens: &[i32]) -> Result<(), EngineError> {
         // llama.cpp aborts the process on an out-of-range id, so every id is checked first.
-        match tokens
-            .iter()
-            .find(|&&t| t < 0 || t as usize >= self.n_vocab)
-        {
-            Some(&token) => Err(EngineError::InvalidToken {
-                token,
-                vocab: self.n_vocab,
-            }),
+        match tokens.iter().find(|&&t| t < 0 || t as usize >= self.n_vocab) {
+            Some(&token) => Err(EngineError::InvalidToken { token, vocab: self.n_vocab }),
             None => Ok(()),
         }
     }
 
-    pub(crate) fn tokenize(
-        &self,
-        text: &str,
-        add_special: bool,
-        parse_special: bool,
-    ) -> Result<Vec<i32>, EngineError> {
+    pub(crate) fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<i32>, EngineError> {
         match &self.tokenizer {
             Tokenizer::Gguf => Ok(self
                 .llama
@@ -66,9 +55,7 @@ impl Vocab {
                 .map(|t| t.0)
                 .collect()),
             Tokenizer::HuggingFace(t) => {
-                let enc = t
-                    .encode(text, add_special)
-                    .map_err(|e| self.tokenizer_error(e))?;
+                let enc = t.encode(text, add_special).map_err(|e| self.tokenizer_error(e))?;
                 let ids: Vec<i32> = enc.get_ids().iter().map(|&i| i as i32).collect();
                 self.check(&ids)?;
                 Ok(ids)
@@ -76,11 +63,7 @@ impl Vocab {
         }
     }
 
-    pub(crate) fn detokenize(
-        &self,
-        tokens: &[i32],
-        render_special: bool,
-    ) -> Result<String, EngineError> {
+    pub(crate) fn detokenize(&self, tokens: &[i32], render_special: bool) -> Result<String, EngineError> {
         self.check(tokens)?;
         if tokens.is_empty() {
             return Ok(String::new());
@@ -93,42 +76,29 @@ impl Vocab {
             }
             Tokenizer::HuggingFace(t) => {
                 let ids: Vec<u32> = tokens.iter().map(|&i| i as u32).collect();
-                t.decode(&ids, !render_special)
-                    .map_err(|e| self.tokenizer_error(e))
+                t.decode(&ids, !render_special).map_err(|e| self.tokenizer_error(e))
             }
         }
     }
 
     /// The bytes each token prints as; concatenating them yields the exact output text.
-    pub(crate) fn token_bytes(
-        &self,
-        tokens: &[i32],
-        render_special: bool,
-    ) -> Result<Vec<Vec<u8>>, EngineError> {
+    pub(crate) fn token_bytes(&self, tokens: &[i32], render_special: bool) -> Result<Vec<Vec<u8>>, EngineError> {
         self.check(tokens)?;
         match &self.tokenizer {
             Tokenizer::Gguf => {
                 let vocab = self.llama.vocab();
-                Ok(tokens
-                    .iter()
-                    .map(|&t| vocab.token_to_piece(LlamaToken(t), render_special, None))
-                    .collect())
+                Ok(tokens.iter().map(|&t| vocab.token_to_piece(LlamaToken(t), render_special, None)).collect())
             }
             Tokenizer::HuggingFace(t) => tokens
                 .iter()
                 .map(|&id| {
-                    t.decode(&[id as u32], !render_special)
-                        .map(String::into_bytes)
-                        .map_err(|e| self.tokenizer_error(e))
+                    t.decode(&[id as u32], !render_special).map(String::into_bytes).map_err(|e| self.tokenizer_error(e))
                 })
                 .collect(),
         }
     }
 
     fn tokenizer_error(&self, e: impl std::fmt::Display) -> EngineError {
-        EngineError::Tokenizer {
-            model: self.name.clone(),
-            message: e.to_string(),
-        }
+        EngineError::Tokenizer { model: self.name.clone(), message: e.to_string() }
     }
 }

@@ -28,9 +28,7 @@ pub fn argmax(row: &[f32]) -> Option<usize> {
 #[inline]
 fn block_max(block: &[f32]) -> f32 {
     // NaN compares false and so never wins.
-    block
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    block.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 /// A descending list of at most `k` (id, logit) pairs; ties keep the lower id first.
@@ -42,11 +40,7 @@ struct Best {
 
 impl Best {
     fn new(k: usize) -> Self {
-        Self {
-            k,
-            ids: Vec::with_capacity(k + 1),
-            logits: Vec::with_capacity(k + 1),
-        }
+        Self { k, ids: Vec::with_capacity(k + 1), logits: Vec::with_capacity(k + 1) }
     }
 
     /// The logit a candidate must beat to enter.
@@ -61,7 +55,7 @@ impl Best {
 
     #[inline]
     fn offer(&mut self, id: i32, logit: f32) {
-        if logit.is_nan() || (self.ids.len() >= self.k && !(logit > self.threshold())) {
+        if logit.is_nan() || (self.ids.len() >= self.k && logit <= self.threshold()) {
             return;
         }
         // Strictly-greater keeps earlier (lower) ids ahead on ties.
@@ -111,7 +105,8 @@ pub fn top_k(row: &[f32], k: usize, allowed: Option<&[i32]>) -> (Vec<i32>, Vec<f
     }
     let mut best = Best::new(k);
     for (b, block) in row.chunks(BLOCK).enumerate() {
-        if best.ids.len() >= k && !(block_max(block) > best.threshold()) {
+        // block_max never yields NaN, so `<=` is the exact negation of `>` here.
+        if best.ids.len() >= k && block_max(block) <= best.threshold() {
             continue;
         }
         let base = b * BLOCK;
@@ -128,11 +123,7 @@ pub fn top_k(row: &[f32], k: usize, allowed: Option<&[i32]>) -> (Vec<i32>, Vec<f
 fn top_k_by_selection(row: &[f32], k: usize) -> (Vec<i32>, Vec<f32>) {
     let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     let mut idx: Vec<i32> = (0..row.len() as i32).collect();
-    let cmp = |a: &i32, b: &i32| {
-        key(row[*b as usize])
-            .total_cmp(&key(row[*a as usize]))
-            .then(a.cmp(b))
-    };
+    let cmp = |a: &i32, b: &i32| key(row[*b as usize]).total_cmp(&key(row[*a as usize])).then(a.cmp(b));
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);
@@ -166,9 +157,7 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 20.0 - 10.0
             })
             .collect()
@@ -179,11 +168,7 @@ mod tests {
         for seed in 0..5 {
             let row = pseudo_row(5000, seed);
             for k in [1, 2, 5, 40, 64, 300, 5000] {
-                assert_eq!(
-                    top_k(&row, k, None).0,
-                    reference(&row, k, None),
-                    "k={k} seed={seed}"
-                );
+                assert_eq!(top_k(&row, k, None).0, reference(&row, k, None), "k={k} seed={seed}");
             }
         }
     }
@@ -200,10 +185,7 @@ mod tests {
     fn allowed_restricts_and_dedups() {
         let row = pseudo_row(1000, 9);
         let allowed = [5, 900, 5, 17, 400, 17];
-        assert_eq!(
-            top_k(&row, 3, Some(&allowed)).0,
-            reference(&row, 3, Some(&allowed))
-        );
+        assert_eq!(top_k(&row, 3, Some(&allowed)).0, reference(&row, 3, Some(&allowed)));
         assert_eq!(top_k(&row, 10, Some(&allowed)).0.len(), 4);
     }
 }

@@ -1,0 +1,102 @@
+//! Benchmarks kept with the project: `flywheel bench engine|plugin|http`.
+//!
+//! Every bench prints a table and, with `--json`, one JSON object per row.
+
+pub mod engine;
+
+use serde::Serialize;
+
+/// One measured configuration.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Row {
+    pub bench: &'static str,
+    pub mode: String,
+    /// Concurrent sequences.
+    pub n: usize,
+    /// Prompt tokens per sequence.
+    pub prompt: usize,
+    /// Generated tokens per sequence.
+    pub gen: usize,
+    /// Generated tokens per second, all sequences together, open to last token.
+    pub tok_s: f64,
+    /// Mean wall time of one generation step once every sequence is decoding.
+    pub step_ms: f64,
+    /// Median time from a sequence's open to its first generated token.
+    pub ttft_ms: f64,
+    /// Prompt tokens actually computed (shared prefixes count once).
+    pub prefill_tokens: u64,
+}
+
+pub fn print_table(title: &str, rows: &[Row], json: bool) {
+    if json {
+        for r in rows {
+            match serde_json::to_string(r) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("cannot encode row: {e}"),
+            }
+        }
+        return;
+    }
+    println!("{title}");
+    println!(
+        "{:<22} {:>4} {:>7} {:>5} {:>10} {:>9} {:>9} {:>9}",
+        "mode", "n", "prompt", "gen", "tok/s", "step ms", "ttft ms", "prefill"
+    );
+    for r in rows {
+        println!(
+            "{:<22} {:>4} {:>7} {:>5} {:>10.1} {:>9.2} {:>9.1} {:>9}",
+            r.mode, r.n, r.prompt, r.gen, r.tok_s, r.step_ms, r.ttft_ms, r.prefill_tokens
+        );
+    }
+}
+
+/// Median of a list of durations in milliseconds.
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+/// Deterministic prompts of ordinary vocabulary tokens (BOS first), distinct from the
+/// second token on, so no two share a reusable prefix unless asked to.
+pub fn synthetic_prompts(
+    n: usize,
+    len: usize,
+    shared_prefix: usize,
+    vocab: usize,
+    bos: Option<i32>,
+    seed: u64,
+) -> Vec<Vec<i32>> {
+    // Skip the low ids, where vocabularies keep their special tokens.
+    let lo = 1000.min(vocab / 4) as u64;
+    let hi = (vocab as u64).min(40_000).max(lo + 1);
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (lo + state % (hi - lo)) as i32
+    };
+    let head: Vec<i32> = bos.into_iter().collect();
+    let prefix: Vec<i32> = (0..shared_prefix.saturating_sub(head.len())).map(|_| next()).collect();
+    (0..n)
+        .map(|_| {
+            let mut p = head.clone();
+            if shared_prefix > 0 {
+                p.extend(&prefix);
+            }
+            while p.len() < len {
+                p.push(next());
+            }
+            p.truncate(len);
+            p
+        })
+        .collect()
+}
