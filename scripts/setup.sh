@@ -24,5 +24,11 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# Plugins are WebAssembly components.
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+  echo "setup: adding the wasm32-wasip2 target"
+  rustup target add wasm32-wasip2
+fi
+
 # The default model (verified by sha256; a present, verified file is kept).
 python3 models/fetch.py "${FLYWHEEL_MODELS:-smollm2}"

@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+guests=(-p flywheel-guest -p complete -p json -p hostile)
 cargo fmt --all --check
 cargo clippy --release --all-targets -- -D warnings
+cargo clippy --profile guest --target wasm32-wasip2 "${guests[@]}" -- -D warnings
+cargo build --profile guest --target wasm32-wasip2 "${guests[@]}"
+cargo test --release -p flywheel-guest
 cargo test --release "$@"

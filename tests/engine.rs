@@ -6,15 +6,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flywheel::engine::{Engine, EngineError, ModelManifest, NoObserver, Output, StepObserver, Want};
+use flywheel::engine::{Engine, EngineError, ModelManifest, NoObserver, Output, StepInfo, StepObserver, Want};
 use support::*;
 
 /// Records the largest batch the scheduler ran.
 #[derive(Default)]
 struct MaxBatch(AtomicUsize);
 impl StepObserver for MaxBatch {
-    fn on_step(&self, _: &str, _: usize, sequences: usize, _: Duration) {
-        self.0.fetch_max(sequences, Ordering::Relaxed);
+    fn on_step(&self, _: &str, step: &StepInfo) {
+        self.0.fetch_max(step.sequences, Ordering::Relaxed);
     }
 }
 

@@ -3,4 +3,10 @@
 //! Data flows one way: HTTP → plugin instance → wasi-nn → engine scheduler → llama.cpp.
 
 pub mod bench;
+pub mod config;
 pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod nn;
+pub mod plugins;
+pub mod server;

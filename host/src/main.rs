@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flywheel::bench;
+use flywheel::config::{Config, LogFormat};
 use flywheel::engine::{Engine, Model, ModelManifest, NoObserver, Output, Want};
+use flywheel::server::Server;
 
 #[derive(Parser)]
 #[command(name = "flywheel", version, about = "Serverless WebAssembly runtime for LLM inference")]
@@ -18,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP server.
+    Serve(ServeArgs),
     /// Generate text once with a model and print it (greedy).
     Generate(GenerateArgs),
     /// Inspect model manifests.
@@ -26,6 +30,16 @@ enum Command {
     /// Benchmarks that print a table (or JSON rows).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (see flywheel.example.toml); defaults apply without one.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override the listen address.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -88,10 +102,14 @@ struct EngineBenchArgs {
     json: bool,
 }
 
-fn init_logging() {
+fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,flywheel=info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
 fn load_manifest(args: &ModelArgs) -> anyhow::Result<ModelManifest> {
@@ -113,13 +131,34 @@ fn load_model(manifest: ModelManifest) -> anyhow::Result<Arc<Model>> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging();
+    if let Command::Serve(args) = cli.command {
+        return serve(args);
+    }
+    init_logging("warn,flywheel=info,llama-cpp-2=warn", LogFormat::Text);
     match cli.command {
+        Command::Serve(_) => unreachable!("handled above"),
         Command::Generate(args) => small_runtime()?.block_on(generate(args)),
         Command::Models(ModelsCommand::List { models_dir }) => list_models(&models_dir),
         // One thread for the callers: the decode threads get the cores, as in the native loop.
         Command::Bench(BenchCommand::Engine(args)) => small_runtime()?.block_on(bench_engine(args)),
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None if Path::new("flywheel.toml").exists() => Config::from_file(Path::new("flywheel.toml"))?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    init_logging(&config.log.level, config.log.format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let server = Server::start(config).await?;
+        server.run_until_signal().await
+    })
 }
 
 /// A single-threaded runtime for commands whose async work is light.

@@ -1,6 +1,7 @@
 //! Shared test support: a generated tiny model, manifests and small helpers.
 #![allow(dead_code)]
 
+pub mod server;
 pub mod tiny_gguf;
 
 use std::path::{Path, PathBuf};

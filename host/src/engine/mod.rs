@@ -23,15 +23,29 @@ pub use model::{EngineStats, Model, ModelInfo};
 pub use scheduler::context_params;
 pub use sequence::{Output, Sequence, Want};
 
+/// One batch the scheduler ran.
+#[derive(Clone, Debug)]
+pub struct StepInfo {
+    /// Batch entries (a prefix shared by several sequences counts once).
+    pub tokens: usize,
+    /// Sequences that advanced.
+    pub sequences: usize,
+    /// Generated tokens decoded (one per generating sequence).
+    pub decode_tokens: usize,
+    /// Prompt tokens computed.
+    pub prefill_tokens: usize,
+    pub duration: Duration,
+}
+
 /// Told about every batch the scheduler runs (metrics hook it).
 pub trait StepObserver: Send + Sync {
-    fn on_step(&self, model: &str, tokens: usize, sequences: usize, duration: Duration);
+    fn on_step(&self, model: &str, step: &StepInfo);
 }
 
 /// An observer that ignores everything.
 pub struct NoObserver;
 impl StepObserver for NoObserver {
-    fn on_step(&self, _: &str, _: usize, _: usize, _: Duration) {}
+    fn on_step(&self, _: &str, _: &StepInfo) {}
 }
 
 /// All loaded models, by name.

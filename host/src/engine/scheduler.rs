@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 
 use super::backend::{backend, CONTEXT_CREATION};
 use super::model::EngineStats;
-use super::{topk, EngineError, ModelManifest, Output, StepObserver, Want};
+use super::{topk, EngineError, ModelManifest, Output, StepInfo, StepObserver, Want};
 
 pub(crate) enum Command {
     Open { reply: oneshot::Sender<Result<i32, EngineError>> },
@@ -593,7 +593,16 @@ impl<'m> Scheduler<'m> {
         self.last_step_time = now - started;
         self.last_step_end = now;
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        self.observer.on_step(&self.name, entries.len(), planned.len(), self.last_step_time);
+        let decode_tokens = planned.iter().filter(|p| !p.prefill).count();
+        let prefill_tokens = planned.iter().filter(|p| p.prefill).map(|p| p.own).sum();
+        let info = StepInfo {
+            tokens: entries.len(),
+            sequences: planned.len(),
+            decode_tokens,
+            prefill_tokens,
+            duration: self.last_step_time,
+        };
+        self.observer.on_step(&self.name, &info);
     }
 
     fn decode(&mut self, entries: &[Entry]) -> Result<(), DecodeError> {

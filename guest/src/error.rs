@@ -1,0 +1,103 @@
+//! Errors from inference calls and the HTTP status each maps to.
+
+use crate::bindings::flywheel::llm::model as llm;
+use crate::bindings::wasi::nn::errors::{Error as NnErrorResource, ErrorCode as NnCode};
+
+/// A failed inference or tokenization call.
+#[derive(Clone, Debug)]
+pub enum Error {
+    /// A `wasi:nn` call failed.
+    Nn { code: NnCode, message: String },
+    /// A `flywheel:llm` call failed.
+    Llm { code: llm::ErrorCode, message: String },
+    /// The host returned something this SDK did not expect.
+    Protocol(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Nn { message, .. } | Error::Llm { message, .. } | Error::Protocol(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<NnErrorResource> for Error {
+    fn from(e: NnErrorResource) -> Self {
+        Error::Nn { code: e.code(), message: e.data() }
+    }
+}
+
+impl From<llm::Error> for Error {
+    fn from(e: llm::Error) -> Self {
+        Error::Llm { code: e.code, message: e.message }
+    }
+}
+
+/// An HTTP error answer: status, a machine-readable type and a message.
+#[derive(Clone, Debug)]
+pub struct HttpError {
+    pub status: u16,
+    /// A short type such as `invalid_request_error`.
+    pub kind: String,
+    pub message: String,
+    /// The request field at fault, when there is one.
+    pub param: Option<String>,
+}
+
+impl HttpError {
+    pub fn new(status: u16, kind: &str, message: impl Into<String>) -> Self {
+        Self { status, kind: kind.to_string(), message: message.into(), param: None }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, "not_found_error", message)
+    }
+
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.kind, self.message)
+    }
+}
+
+impl From<Error> for HttpError {
+    fn from(e: Error) -> Self {
+        let (status, kind) = match &e {
+            Error::Nn { code, .. } => match code {
+                NnCode::InvalidArgument | NnCode::InvalidEncoding => (400, "invalid_request_error"),
+                NnCode::TooLarge => (400, "context_length_exceeded"),
+                NnCode::NotFound => (404, "model_not_found"),
+                NnCode::Security => (403, "permission_error"),
+                NnCode::Timeout => (503, "overloaded_error"),
+                NnCode::UnsupportedOperation => (501, "unsupported_error"),
+                _ => (500, "server_error"),
+            },
+            Error::Llm { code, .. } => match code {
+                llm::ErrorCode::NotFound => (404, "model_not_found"),
+                llm::ErrorCode::NotAllowed => (403, "permission_error"),
+                llm::ErrorCode::InvalidArgument => (400, "invalid_request_error"),
+                llm::ErrorCode::Unsupported => (400, "unsupported_error"),
+            },
+            Error::Protocol(_) => (500, "server_error"),
+        };
+        HttpError::new(status, kind, e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for HttpError {
+    fn from(e: serde_json::Error) -> Self {
+        HttpError::bad_request(format!("invalid JSON body: {e}"))
+    }
+}

@@ -1,0 +1,287 @@
+//! The decode loop: sample, stop, detokenize incrementally.
+
+use crate::constraint::Constraint;
+use crate::model::{Model, Session};
+use crate::sampling::Sampler;
+use crate::Error;
+
+/// Why generation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its turn, a stop sequence appeared, or a constraint completed.
+    Stop,
+    /// The token budget (or the context) ran out.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    /// Text that ends generation; it is not part of the output.
+    pub stop: Vec<String>,
+    /// Stop at the model's end-of-generation tokens (on by default).
+    pub stop_at_end_of_generation: bool,
+    pub constraint: Option<Box<dyn Constraint>>,
+}
+
+impl GenerateOptions {
+    pub fn max_tokens(n: usize) -> Self {
+        Self { max_tokens: n, stop: Vec::new(), stop_at_end_of_generation: true, constraint: None }
+    }
+
+    pub fn stop(mut self, s: impl Into<String>) -> Self {
+        let s = s.into();
+        if !s.is_empty() {
+            self.stop.push(s);
+        }
+        self
+    }
+
+    pub fn constraint(mut self, c: impl Constraint + 'static) -> Self {
+        self.constraint = Some(Box::new(c));
+        self
+    }
+}
+
+/// A running generation. Pull text with [`Generation::next_text`] (or tokens with
+/// [`Generation::next_token`]) until it returns `None`.
+pub struct Generation<'m> {
+    model: &'m Model,
+    session: Session,
+    sampler: Sampler,
+    options: GenerateOptions,
+    /// Tokens to feed before the next sample: the prompt, then each sampled token.
+    next_input: Vec<i32>,
+    generated: Vec<i32>,
+    prompt_tokens: usize,
+    budget: usize,
+    /// Bytes that do not yet form whole UTF-8 characters.
+    partial: Vec<u8>,
+    /// Decoded text held back because it may be the start of a stop sequence.
+    held: String,
+    vocab_bytes: Option<Vec<Vec<u8>>>,
+    finished: Option<FinishReason>,
+}
+
+impl<'m> Generation<'m> {
+    pub(crate) fn new(
+        model: &'m Model,
+        prompt: &[i32],
+        sampler: Sampler,
+        options: GenerateOptions,
+    ) -> Result<Self, Error> {
+        let context = model.info().context_length as usize;
+        if prompt.is_empty() {
+            return Err(Error::Protocol("the prompt is empty".into()));
+        }
+        if prompt.len() >= context {
+            return Err(Error::Nn {
+                code: crate::bindings::wasi::nn::errors::ErrorCode::TooLarge,
+                message: format!(
+                    "the prompt has {} tokens; model {} allows {} tokens per request, prompt and completion together",
+                    prompt.len(),
+                    model.name(),
+                    context
+                ),
+            });
+        }
+        let budget = options.max_tokens.min(context - prompt.len());
+        Ok(Self {
+            model,
+            session: model.session()?,
+            sampler,
+            options,
+            next_input: prompt.to_vec(),
+            generated: Vec::new(),
+            prompt_tokens: prompt.len(),
+            budget,
+            partial: Vec::new(),
+            held: String::new(),
+            vocab_bytes: None,
+            finished: None,
+        })
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
+    pub fn completion_tokens(&self) -> usize {
+        self.generated.len()
+    }
+
+    pub fn generated(&self) -> &[i32] {
+        &self.generated
+    }
+
+    pub fn finish_reason(&self) -> Option<&FinishReason> {
+        self.finished.as_ref()
+    }
+
+    /// Ids allowed by the constraint in its current state.
+    fn allowed(&mut self) -> Result<Option<Vec<i32>>, Error> {
+        let Some(c) = &self.options.constraint else { return Ok(None) };
+        if self.vocab_bytes.is_none() {
+            let ids: Vec<i32> = (0..self.model.info().vocab_size as i32).collect();
+            self.vocab_bytes = Some(self.model.token_bytes(&ids)?);
+        }
+        let vocab = self.vocab_bytes.as_deref().unwrap_or_default();
+        let eog = &self.model.info().end_of_generation;
+        Ok(Some(
+            vocab
+                .iter()
+                .enumerate()
+                .filter(|(id, bytes)| !eog.contains(&(*id as i32)) && c.accepts(bytes))
+                .map(|(id, _)| id as i32)
+                .collect(),
+        ))
+    }
+
+    fn token_bytes(&self, token: i32) -> Result<Vec<u8>, Error> {
+        match &self.vocab_bytes {
+            Some(v) => Ok(v.get(token as usize).cloned().unwrap_or_default()),
+            None => Ok(self.model.token_bytes(&[token])?.pop().unwrap_or_default()),
+        }
+    }
+
+    /// The next token and its bytes, or `None` when generation has ended.
+    pub fn next_token(&mut self) -> Result<Option<(i32, Vec<u8>)>, Error> {
+        if self.finished.is_some() {
+            return Ok(None);
+        }
+        if self.generated.len() >= self.budget {
+            self.finish(FinishReason::Length);
+            return Ok(None);
+        }
+        let allowed = self.allowed()?;
+        if allowed.as_ref().is_some_and(|a| a.is_empty()) {
+            // No token can continue the constrained output: close it instead.
+            self.finish(FinishReason::Length);
+            return Ok(None);
+        }
+        let want = self.sampler.want(allowed);
+        let candidates = self.session.feed(&self.next_input, &want)?;
+        let token = self
+            .sampler
+            .sample(&candidates, &self.generated)
+            .ok_or_else(|| Error::Protocol("the host returned no candidates".into()))?;
+        if self.options.stop_at_end_of_generation && self.model.is_end_of_generation(token) {
+            self.finish(FinishReason::Stop);
+            return Ok(None);
+        }
+        self.generated.push(token);
+        self.next_input = vec![token];
+        let bytes = self.token_bytes(token)?;
+        if let Some(c) = &mut self.options.constraint {
+            c.advance(&bytes);
+            if c.is_complete() {
+                self.finished = Some(FinishReason::Stop);
+            }
+        }
+        Ok(Some((token, bytes)))
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        if reason == FinishReason::Length {
+            if let Some(c) = &self.options.constraint {
+                // Keep constrained output valid when the budget runs out.
+                let closing = c.closing();
+                self.partial.extend_from_slice(closing.as_bytes());
+            }
+        }
+        self.finished = Some(reason);
+    }
+
+    /// The next piece of text safe to show: whole UTF-8 characters, never part of a stop
+    /// sequence. `None` once everything has been returned.
+    pub fn next_text(&mut self) -> Result<Option<String>, Error> {
+        loop {
+            let more = self.next_token()?;
+            if let Some((_, bytes)) = &more {
+                self.partial.extend_from_slice(bytes);
+            }
+            let ended = self.finished.is_some();
+            self.decode_partial(ended);
+            if let Some(text) = self.take_safe_text(ended) {
+                return Ok(Some(text));
+            }
+            if ended {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Move whole characters from `partial` to `held` (everything, lossily, at the end).
+    fn decode_partial(&mut self, ended: bool) {
+        let valid = match std::str::from_utf8(&self.partial) {
+            Ok(s) => s.len(),
+            Err(e) if e.error_len().is_some() => {
+                // Invalid bytes (not merely incomplete): replace them and move on.
+                let text = String::from_utf8_lossy(&self.partial).into_owned();
+                self.held.push_str(&text);
+                self.partial.clear();
+                return;
+            }
+            Err(e) => e.valid_up_to(),
+        };
+        if let Ok(s) = std::str::from_utf8(&self.partial[..valid]) {
+            self.held.push_str(s);
+        }
+        self.partial.drain(..valid);
+        if ended && !self.partial.is_empty() {
+            self.held.push_str(&String::from_utf8_lossy(&self.partial));
+            self.partial.clear();
+        }
+    }
+
+    /// Text from `held` that cannot be the start of a stop sequence.
+    fn take_safe_text(&mut self, ended: bool) -> Option<String> {
+        if let Some((at, _)) =
+            self.options.stop.iter().filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s))).min_by_key(|(i, _)| *i)
+        {
+            self.held.truncate(at);
+            self.finished = Some(FinishReason::Stop);
+            self.partial.clear();
+            return (!self.held.is_empty()).then(|| std::mem::take(&mut self.held));
+        }
+        let keep = if ended { 0 } else { self.stop_prefix_len() };
+        let cut = self.held.len() - keep;
+        if cut == 0 {
+            return None;
+        }
+        let rest = self.held.split_off(cut);
+        Some(std::mem::replace(&mut self.held, rest))
+    }
+
+    /// Length of the longest suffix of `held` that begins some stop sequence.
+    fn stop_prefix_len(&self) -> usize {
+        let h = &self.held;
+        let mut best = 0;
+        for s in &self.options.stop {
+            for (i, _) in s.char_indices().skip(1).chain(std::iter::once((s.len(), ' '))) {
+                let prefix = &s[..i];
+                if prefix.len() > best && h.ends_with(prefix) {
+                    best = prefix.len();
+                }
+            }
+        }
+        best.min(h.len())
+    }
+
+    /// Run to the end and return all text.
+    pub fn collect_text(&mut self) -> Result<String, Error> {
+        let mut out = String::new();
+        while let Some(t) = self.next_text()? {
+            out.push_str(&t);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,287 @@
+//! `flywheel.toml`: the server's configuration. `flywheel.example.toml` at the repository
+//! root documents every key with its default; unknown keys and bad values are errors that
+//! name the key and line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub models: ModelsConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Largest request body; larger ones get 413.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// How long a client may take to send its request body (408 after).
+    #[serde(default = "defaults::body_timeout_ms")]
+    pub body_timeout_ms: u64,
+    /// Requests served at once across all plugins.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: usize,
+    /// Requests that may wait for a serving slot; beyond that, 503 with Retry-After.
+    #[serde(default = "defaults::max_queue")]
+    pub max_queue: usize,
+    /// How long a queued request waits before 503.
+    #[serde(default = "defaults::queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[serde(default = "defaults::shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Folder of model manifests.
+    #[serde(default = "defaults::models_dir")]
+    pub dir: PathBuf,
+    /// Which manifests to load, by model name; empty loads all of them.
+    #[serde(default = "defaults::model_names")]
+    pub load: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Folder of `<name>.wasm` components and optional `<name>.toml` manifests.
+    #[serde(default = "defaults::plugins_dir")]
+    pub dir: PathBuf,
+    /// Where compiled plugins are cached; empty disables the cache.
+    #[serde(default = "defaults::cache_dir")]
+    pub cache_dir: PathBuf,
+    /// How often to look for changed plugins; 0 disables hot reload.
+    #[serde(default = "defaults::reload_interval_ms")]
+    pub reload_interval_ms: u64,
+    /// Plugin instances that may exist at once.
+    #[serde(default = "defaults::max_instances")]
+    pub max_instances: u32,
+    /// The largest memory limit a plugin manifest may ask for.
+    #[serde(default = "defaults::max_memory_mb")]
+    pub max_memory_mb: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer keys accepted for every plugin; empty means no key is needed (unless a
+    /// plugin's manifest lists its own keys).
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Bearer key for `/admin/...`; without one the admin API is off.
+    #[serde(default)]
+    pub admin_key: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default = "defaults::log_format")]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `flywheel=debug,warn`; `RUST_LOG` overrides it.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+    pub fn listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 8080))
+    }
+    pub fn max_body_bytes() -> usize {
+        1 << 20
+    }
+    pub fn body_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn max_in_flight() -> usize {
+        256
+    }
+    pub fn max_queue() -> usize {
+        512
+    }
+    pub fn queue_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn shutdown_grace_ms() -> u64 {
+        30_000
+    }
+    pub fn models_dir() -> PathBuf {
+        "models".into()
+    }
+    pub fn model_names() -> Vec<String> {
+        vec!["smollm2".into()]
+    }
+    pub fn plugins_dir() -> PathBuf {
+        ".flywheel/plugins".into()
+    }
+    pub fn cache_dir() -> PathBuf {
+        ".flywheel/cache".into()
+    }
+    pub fn reload_interval_ms() -> u64 {
+        1000
+    }
+    pub fn max_instances() -> u32 {
+        256
+    }
+    pub fn max_memory_mb() -> u64 {
+        1024
+    }
+    pub fn log_format() -> super::LogFormat {
+        super::LogFormat::Text
+    }
+    pub fn log_level() -> String {
+        "info,llama-cpp-2=warn".into()
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("all fields have defaults"))
+    }
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self { dir: defaults::models_dir(), load: defaults::model_names() }
+    }
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dir: defaults::plugins_dir(),
+            cache_dir: defaults::cache_dir(),
+            reload_interval_ms: defaults::reload_interval_ms(),
+            max_instances: defaults::max_instances(),
+            max_memory_mb: defaults::max_memory_mb(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: defaults::log_format(), level: defaults::log_level() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Read and validate a config file. Relative paths inside it are resolved against the
+    /// file's folder.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Invalid { path: path.into(), message })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Parse config text (errors carry the key and line from the TOML parser).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.models.dir);
+        fix(&mut self.plugins.dir);
+        fix(&mut self.plugins.cache_dir);
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let s = &self.server;
+        let positive = [
+            ("server.max_body_bytes", s.max_body_bytes as u64),
+            ("server.body_timeout_ms", s.body_timeout_ms),
+            ("server.max_in_flight", s.max_in_flight as u64),
+            ("server.queue_timeout_ms", s.queue_timeout_ms),
+            ("plugins.max_instances", u64::from(self.plugins.max_instances)),
+            ("plugins.max_memory_mb", self.plugins.max_memory_mb),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
+        if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err("auth.api_keys must not contain empty keys".into());
+        }
+        if self.auth.admin_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            return Err("auth.admin_key must not be empty (omit it to turn the admin API off)".into());
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| format!("log.level {:?} is not a valid filter: {e}", self.log.level))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.models.load, vec!["smollm2"]);
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key_and_line() {
+        let e = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nmax_bodyy = 3\n").unwrap_err();
+        assert!(e.contains("max_bodyy") && e.contains("line 3"), "{e}");
+        let e = Config::parse("[server]\nlisten = \"not an address\"\n").unwrap_err();
+        assert!(e.contains("listen") || e.contains("line 2"), "{e}");
+        let e = Config::parse("[server]\nmax_in_flight = 0\n").unwrap_err();
+        assert!(e.contains("server.max_in_flight"), "{e}");
+        let e = Config::parse("[log]\nformat = \"xml\"\n").unwrap_err();
+        assert!(e.contains("xml") || e.contains("format"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../../flywheel.example.toml");
+        Config::parse(text).unwrap();
+    }
+}

@@ -1,0 +1,300 @@
+//! The HTTP server: plugins at `/fn/<name>/…` and at the routes their manifests declare,
+//! health, readiness, metrics and the admin API. HTTP/1.1 and HTTP/2 cleartext.
+
+mod admin;
+mod auth;
+pub mod body;
+mod errors;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+use crate::config::{AuthConfig, ServerConfig};
+use crate::metrics::Metrics;
+use crate::plugins::PluginRuntime;
+use body::{full, read_limited, too_large, ServerBody, TrackedBody};
+pub use errors::ApiError;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub runtime: Arc<PluginRuntime>,
+    pub metrics: Arc<Metrics>,
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    slots: Arc<Semaphore>,
+    queued: AtomicUsize,
+    next_id: AtomicU64,
+    draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(
+        runtime: Arc<PluginRuntime>,
+        metrics: Arc<Metrics>,
+        server: ServerConfig,
+        auth: AuthConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            slots: Arc::new(Semaphore::new(server.max_in_flight)),
+            runtime,
+            metrics,
+            server,
+            auth,
+            queued: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the server is shutting down (readiness fails, so balancers stop sending).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Serve until `shutdown` resolves, then stop accepting and give in-flight requests up to
+/// the configured grace period.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(state, req).await) }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    state.draining.store(true, Ordering::Relaxed);
+    drop(listener);
+    let grace = Duration::from_millis(state.server.shutdown_grace_ms);
+    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: finishing in-flight requests");
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections closed"),
+        Err(_) => tracing::warn!("grace period over; closing the remaining connections"),
+    }
+    Ok(())
+}
+
+fn request_id(state: &AppState, req: &Request<Incoming>) -> String {
+    let given = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok());
+    match given {
+        Some(id) if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) => id.to_string(),
+        // Unique per process; the pid in the high bits tells replicas apart in shared logs.
+        _ => format!("{:08x}{:08x}", std::process::id(), state.next_id.fetch_add(1, Ordering::Relaxed)),
+    }
+}
+
+async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ServerBody> {
+    let id = request_id(&state, &req);
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let started = Instant::now();
+    let mut resp = async {
+        let (resp, plugin) = route(&state, req, started).await;
+        let status = resp.status().as_u16();
+        tracing::info!(
+            status,
+            plugin = plugin.as_deref().unwrap_or("-"),
+            ms = started.elapsed().as_millis() as u64,
+            "response"
+        );
+        resp
+    }
+    .instrument(span)
+    .await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ServerBody> {
+    let mut resp = Response::new(full(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Dispatch; returns the response and the plugin that served it, if any.
+async fn route(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    started: Instant,
+) -> (Response<ServerBody>, Option<String>) {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let result = match path.as_str() {
+        "/healthz" => Ok(json_response(StatusCode::OK, json!({ "status": "ok" }))),
+        "/readyz" => Ok(readiness(state)),
+        "/metrics" => {
+            let mut resp = Response::new(full(state.metrics.encode()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            Ok(resp)
+        }
+        p if p == "/admin" || p.starts_with("/admin/") => match &state.auth.admin_key {
+            None => Err(ApiError::not_found("the admin API is off: set auth.admin_key")),
+            Some(key) => match auth::check(req.headers(), std::iter::once(key)) {
+                Ok(()) => admin::handle(state, &method, &path).await,
+                Err(e) => Err(e),
+            },
+        },
+        _ => return serve_plugin(state, req, started).await,
+    };
+    (result.unwrap_or_else(ApiError::into_response), None)
+}
+
+fn readiness(state: &AppState) -> Response<ServerBody> {
+    let models: Vec<String> = state.runtime.engine().models().map(|m| m.name().to_string()).collect();
+    let set = state.runtime.plugins();
+    let plugins: Vec<&String> = set.plugins.keys().collect();
+    let ready = !state.draining() && !models.is_empty() && !plugins.is_empty();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let reason = if state.draining() {
+        Some("shutting down")
+    } else if models.is_empty() {
+        Some("no model loaded")
+    } else if plugins.is_empty() {
+        Some("no plugin loaded")
+    } else {
+        None
+    };
+    json_response(
+        status,
+        json!({
+            "status": if ready { "ready" } else { "not ready" },
+            "reason": reason,
+            "models": models,
+            "plugins": plugins,
+            "failed_plugins": set.failures.iter().map(|f| &f.name).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+/// A slot among `max_in_flight`, or a bounded wait for one.
+async fn acquire_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    if let Ok(p) = state.slots.clone().try_acquire_owned() {
+        return Ok(p);
+    }
+    let busy = |msg: &str| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", msg).retry_after(Duration::from_secs(1))
+    };
+    if state.queued.fetch_add(1, Ordering::Relaxed) >= state.server.max_queue {
+        state.queued.fetch_sub(1, Ordering::Relaxed);
+        return Err(busy("the server is at capacity and its queue is full; retry later"));
+    }
+    state.metrics.queued_requests.inc();
+    let wait = Duration::from_millis(state.server.queue_timeout_ms);
+    let permit = tokio::time::timeout(wait, state.slots.clone().acquire_owned()).await;
+    state.queued.fetch_sub(1, Ordering::Relaxed);
+    state.metrics.queued_requests.dec();
+    match permit {
+        Ok(Ok(p)) => Ok(p),
+        _ => Err(busy("the server is at capacity; no slot became free in time")),
+    }
+}
+
+async fn serve_plugin(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    started: Instant,
+) -> (Response<ServerBody>, Option<String>) {
+    let path = req.uri().path().to_string();
+    let Some(plugin) = state.runtime.plugins().route(&path).cloned() else {
+        let e = if let Some(name) = path.strip_prefix("/fn/").map(|r| r.split('/').next().unwrap_or("")) {
+            ApiError::not_found(format!("no plugin named {name:?}"))
+        } else {
+            ApiError::not_found(format!("nothing is served at {path}"))
+        };
+        return (e.into_response(), None);
+    };
+    let name = plugin.name.clone();
+    let result = async {
+        auth::check(req.headers(), state.auth.api_keys.iter().chain(plugin.manifest.api_keys.iter()))?;
+        let limit = state.server.max_body_bytes;
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large(limit));
+        }
+        let (mut parts, incoming) = req.into_parts();
+        let bytes = read_limited(incoming, limit, Duration::from_millis(state.server.body_timeout_ms)).await?;
+        if parts.uri.authority().is_none() && !parts.headers.contains_key(header::HOST) {
+            parts.headers.insert(header::HOST, HeaderValue::from_static("localhost"));
+        }
+        let slot = acquire_slot(state).await?;
+        let guest_req = Request::from_parts(parts, Full::new(bytes));
+        let resp = state.runtime.invoke(&plugin, guest_req).await?;
+        Ok((resp, slot))
+    }
+    .await;
+    match result {
+        Ok((resp, slot)) => {
+            let status = resp.status().as_u16();
+            state.metrics.in_flight_requests.inc();
+            let metrics = state.metrics.clone();
+            let plugin_name = name.clone();
+            let resp = resp.map(move |b| {
+                let inner = b.map_err(|e| Box::new(e) as body::BoxError).boxed_unsync();
+                // Recorded when the body is done (or the client left): streaming included.
+                let tracked = TrackedBody::new(inner, slot, move |_slot| {
+                    metrics.in_flight_requests.dec();
+                    metrics.record_request(&plugin_name, status, started.elapsed());
+                });
+                tracked.boxed_unsync()
+            });
+            (resp, Some(name))
+        }
+        Err(e) => {
+            state.metrics.record_request(&name, e.status.as_u16(), started.elapsed());
+            (e.into_response(), Some(name))
+        }
+    }
+}
+
+pub use body::BoxError;
+
+/// `Method` re-export for admin routing.
+pub type HttpMethod = Method;

@@ -1,0 +1,258 @@
+//! Prometheus metrics, in the text exposition format at `/metrics`.
+//!
+//! Request-side metrics are recorded by the HTTP layer and the plugin runtime; engine-side
+//! ones come from the scheduler's step observer and, for gauges, from the engine's live
+//! counters at scrape time.
+
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::engine::{Engine, StepInfo, StepObserver};
+use crate::nn::NnObserver;
+use crate::plugins::{PluginObserver, TrapKind};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub plugin: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    pub plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrapLabels {
+    pub plugin: String,
+    pub kind: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn micro_histogram() -> Histogram {
+    // 1 µs .. ~32 ms
+    Histogram::new(exponential_buckets(1e-6, 2.0, 16))
+}
+
+fn batch_histogram() -> Histogram {
+    // 1 .. 1024 entries
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<PluginLabel, Histogram>,
+    pub time_to_first_token: Family<PluginLabel, Histogram>,
+    pub generated_tokens: Family<ModelLabel, Counter>,
+    pub prefill_tokens: Family<ModelLabel, Counter>,
+    pub batch_tokens: Family<ModelLabel, Histogram>,
+    pub batch_sequences: Family<ModelLabel, Histogram>,
+    pub step_duration: Family<ModelLabel, Histogram>,
+    pub instantiation: Family<PluginLabel, Histogram>,
+    pub guest_traps: Family<TrapLabels, Counter>,
+    /// Requests waiting for a slot in the global queue.
+    pub queued_requests: Gauge,
+    pub in_flight_requests: Gauge,
+    engine: Arc<EngineGauges>,
+}
+
+/// Engine gauges read at scrape time.
+#[derive(Debug, Default)]
+struct EngineGauges {
+    engine: OnceLock<Weak<Engine>>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("flywheel_http_requests", "HTTP requests by plugin and status", requests.clone());
+        let request_duration =
+            Family::<PluginLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "flywheel_http_request_duration_seconds",
+            "Time from request to the end of the response body",
+            request_duration.clone(),
+        );
+        let time_to_first_token =
+            Family::<PluginLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "flywheel_time_to_first_token_seconds",
+            "Time from request to the first generated token (the first logits row a guest receives)",
+            time_to_first_token.clone(),
+        );
+        let generated_tokens = Family::<ModelLabel, Counter>::default();
+        registry.register("flywheel_generated_tokens", "Generated tokens decoded", generated_tokens.clone());
+        let prefill_tokens = Family::<ModelLabel, Counter>::default();
+        registry.register("flywheel_prefill_tokens", "Prompt tokens computed", prefill_tokens.clone());
+        let batch_tokens = Family::<ModelLabel, Histogram>::new_with_constructor(batch_histogram as fn() -> Histogram);
+        registry.register("flywheel_batch_tokens", "Tokens per llama.cpp batch", batch_tokens.clone());
+        let batch_sequences =
+            Family::<ModelLabel, Histogram>::new_with_constructor(batch_histogram as fn() -> Histogram);
+        registry.register(
+            "flywheel_batch_sequences",
+            "Sequences advanced per llama.cpp batch",
+            batch_sequences.clone(),
+        );
+        let step_duration =
+            Family::<ModelLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register("flywheel_batch_duration_seconds", "Wall time of one batch step", step_duration.clone());
+        let instantiation =
+            Family::<PluginLabel, Histogram>::new_with_constructor(micro_histogram as fn() -> Histogram);
+        registry.register(
+            "flywheel_plugin_instantiation_seconds",
+            "Time to instantiate a plugin for a request",
+            instantiation.clone(),
+        );
+        let guest_traps = Family::<TrapLabels, Counter>::default();
+        registry.register("flywheel_guest_traps", "Guests stopped by a trap, by kind", guest_traps.clone());
+        let queued_requests = Gauge::default();
+        registry.register("flywheel_queued_requests", "Requests waiting in the global queue", queued_requests.clone());
+        let in_flight_requests = Gauge::default();
+        registry.register("flywheel_in_flight_requests", "Requests being served", in_flight_requests.clone());
+        let engine = Arc::new(EngineGauges::default());
+        registry.register_collector(Box::new(engine.clone()));
+        Arc::new(Self {
+            registry,
+            requests,
+            request_duration,
+            time_to_first_token,
+            generated_tokens,
+            prefill_tokens,
+            batch_tokens,
+            batch_sequences,
+            step_duration,
+            instantiation,
+            guest_traps,
+            queued_requests,
+            in_flight_requests,
+            engine,
+        })
+    }
+
+    /// Report the engine's live state (sequences, KV use, queues) at each scrape.
+    pub fn watch_engine(&self, engine: &Arc<Engine>) {
+        let _ = self.engine.engine.set(Arc::downgrade(engine));
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    pub fn record_request(&self, plugin: &str, status: u16, took: Duration) {
+        self.requests.get_or_create(&RequestLabels { plugin: plugin.to_string(), status }).inc();
+        self.request_duration.get_or_create(&PluginLabel { plugin: plugin.to_string() }).observe(took.as_secs_f64());
+    }
+}
+
+impl Collector for EngineGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(engine) = self.engine.get().and_then(Weak::upgrade) else { return Ok(()) };
+        use std::sync::atomic::Ordering::Relaxed;
+        type Read = fn(&crate::engine::EngineStats) -> i64;
+        let gauges: [(&str, &str, Read); 5] = [
+            ("flywheel_active_sequences", "Sequences open now", |s| s.active_sequences.load(Relaxed) as i64),
+            ("flywheel_sequence_queue_depth", "Opens waiting for a free sequence", |s| {
+                s.waiting_opens.load(Relaxed) as i64
+            }),
+            ("flywheel_kv_tokens", "Tokens held in KV cells by open sequences", |s| s.kv_tokens.load(Relaxed) as i64),
+            ("flywheel_prefix_cache_entries", "Closed sequences cached for prefix reuse", |s| {
+                s.cached_prefixes.load(Relaxed) as i64
+            }),
+            ("flywheel_prefix_cache_bytes", "Host memory used by the prefix cache", |s| {
+                s.cached_bytes.load(Relaxed) as i64
+            }),
+        ];
+        for (name, help, read) in gauges {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for model in engine.models() {
+                let labels = ModelLabel { model: model.name().to_string() };
+                ConstGauge::new(read(model.stats())).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "flywheel_prefix_reused_tokens",
+            "Prompt tokens taken from KV state another sequence computed",
+            None,
+            MetricType::Counter,
+        )?;
+        for model in engine.models() {
+            let labels = ModelLabel { model: model.name().to_string() };
+            ConstCounter::new(model.stats().reused_tokens.load(Relaxed)).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl StepObserver for Metrics {
+    fn on_step(&self, model: &str, step: &StepInfo) {
+        let labels = ModelLabel { model: model.to_string() };
+        self.generated_tokens.get_or_create(&labels).inc_by(step.decode_tokens as u64);
+        self.prefill_tokens.get_or_create(&labels).inc_by(step.prefill_tokens as u64);
+        self.batch_tokens.get_or_create(&labels).observe(step.tokens as f64);
+        self.batch_sequences.get_or_create(&labels).observe(step.sequences as f64);
+        self.step_duration.get_or_create(&labels).observe(step.duration.as_secs_f64());
+    }
+}
+
+impl PluginObserver for Metrics {
+    fn instantiated(&self, plugin: &str, took: Duration) {
+        self.instantiation.get_or_create(&PluginLabel { plugin: plugin.to_string() }).observe(took.as_secs_f64());
+    }
+
+    fn trapped(&self, plugin: &str, kind: &TrapKind) {
+        self.guest_traps
+            .get_or_create(&TrapLabels { plugin: plugin.to_string(), kind: kind.label().to_string() })
+            .inc();
+    }
+}
+
+impl NnObserver for Metrics {
+    fn first_output(&self, plugin: &str, since_start: Duration) {
+        self.time_to_first_token
+            .get_or_create(&PluginLabel { plugin: plugin.to_string() })
+            .observe(since_start.as_secs_f64());
+    }
+}
+
+/// Lets the engine report to metrics that are created after it (the engine loads first).
+#[derive(Default)]
+pub struct LateStepObserver(OnceLock<Arc<dyn StepObserver>>);
+
+impl LateStepObserver {
+    pub fn set(&self, observer: Arc<dyn StepObserver>) {
+        let _ = self.0.set(observer);
+    }
+}
+
+impl StepObserver for LateStepObserver {
+    fn on_step(&self, model: &str, step: &StepInfo) {
+        if let Some(o) = self.0.get() {
+            o.on_step(model, step);
+        }
+    }
+}

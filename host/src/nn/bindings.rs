@@ -1,0 +1,18 @@
+//! Host bindings for what a plugin imports besides WASI: `wasi:nn` and `flywheel:llm`.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "flywheel:llm/imports",
+    imports: {
+        // These wait on the engine (admission, a batch step); everything else is immediate.
+        "wasi:nn/inference.[method]graph-execution-context.compute": async | trappable,
+        "wasi:nn/graph.[method]graph.init-execution-context": async | trappable,
+        default: trappable,
+    },
+    with: {
+        "wasi:nn/graph.graph": super::GraphHandle,
+        "wasi:nn/tensor.tensor": super::TensorHandle,
+        "wasi:nn/inference.graph-execution-context": super::ExecutionContext,
+        "wasi:nn/errors.error": super::NnError,
+    },
+});

@@ -1,0 +1,97 @@
+//! `flywheel:llm/model`: tokenization, chat templates and model facts.
+
+use super::bindings::flywheel::llm::model::{self, ChatMessage, Error, ErrorCode, ModelInfo};
+use super::NnView;
+use crate::engine::{EngineError, Model};
+use std::sync::Arc;
+
+fn err(code: ErrorCode, message: impl Into<String>) -> Error {
+    Error { code, message: message.into() }
+}
+
+fn from_engine(e: EngineError) -> Error {
+    let code = match &e {
+        EngineError::UnknownModel(_) => ErrorCode::NotFound,
+        EngineError::ChatTemplate(_) => ErrorCode::Unsupported,
+        _ => ErrorCode::InvalidArgument,
+    };
+    err(code, e.to_string())
+}
+
+impl NnView<'_> {
+    fn llm_model(&mut self, name: &str) -> Result<Arc<Model>, Error> {
+        self.ctx.note_call();
+        self.ctx.model(name).map_err(|(code, message)| {
+            let code = match code {
+                super::ErrorCode::Security => ErrorCode::NotAllowed,
+                _ => ErrorCode::NotFound,
+            };
+            err(code, message)
+        })
+    }
+}
+
+impl model::Host for NnView<'_> {
+    fn list_models(&mut self) -> wasmtime::Result<Vec<String>> {
+        self.ctx.note_call();
+        Ok(self.ctx.allowed_model_names())
+    }
+
+    fn info(&mut self, name: String) -> wasmtime::Result<Result<ModelInfo, Error>> {
+        Ok(self.llm_model(&name).map(|m| {
+            let i = m.info();
+            ModelInfo {
+                name: i.name.clone(),
+                description: i.description.clone(),
+                vocab_size: i.vocab_size as u32,
+                context_length: i.context_length as u32,
+                bos: i.bos,
+                eos: i.eos,
+                eot: i.eot,
+                end_of_generation: i.end_of_generation.clone(),
+                adds_bos: i.adds_bos,
+                chat_template: i.chat_template.clone(),
+            }
+        }))
+    }
+
+    fn tokenize(
+        &mut self,
+        name: String,
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+    ) -> wasmtime::Result<Result<Vec<i32>, Error>> {
+        Ok(self.llm_model(&name).and_then(|m| m.tokenize(&text, add_special, parse_special).map_err(from_engine)))
+    }
+
+    fn detokenize(
+        &mut self,
+        name: String,
+        tokens: Vec<i32>,
+        render_special: bool,
+    ) -> wasmtime::Result<Result<String, Error>> {
+        Ok(self.llm_model(&name).and_then(|m| m.detokenize(&tokens, render_special).map_err(from_engine)))
+    }
+
+    fn token_bytes(
+        &mut self,
+        name: String,
+        tokens: Vec<i32>,
+        render_special: bool,
+    ) -> wasmtime::Result<Result<Vec<Vec<u8>>, Error>> {
+        Ok(self.llm_model(&name).and_then(|m| m.token_bytes(&tokens, render_special).map_err(from_engine)))
+    }
+
+    fn apply_chat_template(
+        &mut self,
+        name: String,
+        messages: Vec<ChatMessage>,
+        add_generation_prompt: bool,
+    ) -> wasmtime::Result<Result<String, Error>> {
+        Ok(self.llm_model(&name).and_then(|m| {
+            let messages: Vec<(String, String)> = messages.into_iter().map(|c| (c.role, c.content)).collect();
+            m.apply_chat_template(&messages, add_generation_prompt).map_err(from_engine)
+        }))
+    }
+}

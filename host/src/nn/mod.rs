@@ -1,0 +1,395 @@
+//! The `wasi:nn` and `flywheel:llm` host implementation.
+//!
+//! Translates guest calls into engine calls: a graph is a model (`load-by-name`), an
+//! execution context is one engine sequence with its own KV cells, and `compute` appends
+//! tokens and returns logits (or the host-computed top-k) for the last position. Every
+//! misuse becomes a wasi-nn `error` with a code and a message; nothing a guest sends can
+//! panic the host.
+
+mod bindings;
+mod llm;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+use crate::engine::{Engine, EngineError, Model, Output, Sequence, Want};
+use bindings::wasi::nn::errors::ErrorCode;
+use bindings::wasi::nn::graph::{ExecutionTarget, GraphBuilder, GraphEncoding};
+use bindings::wasi::nn::inference::NamedTensor;
+use bindings::wasi::nn::tensor::{TensorData, TensorDimensions, TensorType};
+use bindings::wasi::nn::{errors, graph, inference, tensor};
+
+/// Why the host refuses a guest call: the wasi-nn code and a message.
+type Refusal = (ErrorCode, String);
+
+/// Input tensor names `compute` understands.
+pub const INPUT_IDS: &str = "input_ids";
+pub const TOP_K: &str = "top_k";
+pub const ALLOWED_IDS: &str = "allowed_ids";
+
+/// A graph: a loaded model this plugin may use.
+pub struct GraphHandle {
+    model: Arc<Model>,
+}
+
+/// An execution context: one engine sequence. Dropping it frees the KV cells.
+pub struct ExecutionContext {
+    sequence: Sequence,
+}
+
+pub struct TensorHandle {
+    dims: Vec<u32>,
+    ty: TensorType,
+    data: Vec<u8>,
+}
+
+pub struct NnError {
+    code: ErrorCode,
+    message: String,
+}
+
+/// Which models a plugin may use.
+#[derive(Clone, Debug)]
+pub enum AllowedModels {
+    All,
+    Only(Arc<[String]>),
+}
+
+impl AllowedModels {
+    fn allows(&self, name: &str) -> bool {
+        match self {
+            AllowedModels::All => true,
+            AllowedModels::Only(list) => list.iter().any(|m| m == name),
+        }
+    }
+}
+
+/// Observes guest inference calls (metrics, benchmarks).
+pub trait NnObserver: Send + Sync {
+    /// Time from the store's creation to the guest's first inference import call.
+    fn first_call(&self, _plugin: &str, _since_start: Duration) {}
+    /// Time from the store's creation to the first logits row the guest receives: its
+    /// time to first token.
+    fn first_output(&self, _plugin: &str, _since_start: Duration) {}
+}
+
+pub struct NoNnObserver;
+impl NnObserver for NoNnObserver {}
+
+/// Per-instance state of the inference imports.
+pub struct NnCtx {
+    engine: Arc<Engine>,
+    plugin: Arc<str>,
+    allowed: AllowedModels,
+    max_contexts: usize,
+    open_contexts: usize,
+    created: Instant,
+    first_call_seen: bool,
+    first_output_seen: bool,
+    observer: Arc<dyn NnObserver>,
+}
+
+impl NnCtx {
+    pub fn new(
+        engine: Arc<Engine>,
+        plugin: Arc<str>,
+        allowed: AllowedModels,
+        max_contexts: usize,
+        observer: Arc<dyn NnObserver>,
+    ) -> Self {
+        Self {
+            engine,
+            plugin,
+            allowed,
+            max_contexts,
+            open_contexts: 0,
+            created: Instant::now(),
+            first_call_seen: false,
+            first_output_seen: false,
+            observer,
+        }
+    }
+
+    fn note_call(&mut self) {
+        if !self.first_call_seen {
+            self.first_call_seen = true;
+            self.observer.first_call(&self.plugin, self.created.elapsed());
+        }
+    }
+
+    /// The model named `name`, if it is loaded and this plugin may use it.
+    fn model(&self, name: &str) -> Result<Arc<Model>, Refusal> {
+        let model = self.engine.model(name).cloned().map_err(|e| (ErrorCode::NotFound, e.to_string()))?;
+        if !self.allowed.allows(name) {
+            return Err((ErrorCode::Security, format!("plugin {} may not use model {name:?}", self.plugin)));
+        }
+        Ok(model)
+    }
+
+    fn allowed_model_names(&self) -> Vec<String> {
+        self.engine.models().map(|m| m.name().to_string()).filter(|n| self.allowed.allows(n)).collect()
+    }
+}
+
+/// What the generated host traits are implemented on.
+pub struct NnView<'a> {
+    pub table: &'a mut ResourceTable,
+    pub ctx: &'a mut NnCtx,
+}
+
+struct HasNn;
+impl HasData for HasNn {
+    type Data<'a> = NnView<'a>;
+}
+
+/// Add `wasi:nn` and `flywheel:llm` to a linker whose store data yields an [`NnView`].
+pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, get: fn(&mut T) -> NnView<'_>) -> wasmtime::Result<()> {
+    bindings::Imports::add_to_linker::<T, HasNn>(linker, get)
+}
+
+/// Maps engine failures to wasi-nn codes.
+fn engine_error(e: &EngineError) -> ErrorCode {
+    match e {
+        EngineError::UnknownModel(_) => ErrorCode::NotFound,
+        EngineError::ContextFull { .. } | EngineError::KvCacheFull { .. } => ErrorCode::TooLarge,
+        EngineError::InvalidToken { .. } | EngineError::InvalidArgument(_) | EngineError::SequenceBroken => {
+            ErrorCode::InvalidArgument
+        }
+        EngineError::AdmissionTimeout { .. } | EngineError::QueueFull { .. } => ErrorCode::Timeout,
+        _ => ErrorCode::RuntimeError,
+    }
+}
+
+impl NnView<'_> {
+    fn error(&mut self, code: ErrorCode, message: impl Into<String>) -> wasmtime::Result<Resource<NnError>> {
+        Ok(self.table.push(NnError { code, message: message.into() })?)
+    }
+
+    /// Parse `compute`'s inputs into tokens and what to return.
+    fn parse_inputs(
+        &mut self,
+        inputs: Vec<NamedTensor>,
+        vocab: usize,
+    ) -> wasmtime::Result<Result<(Vec<i32>, Want), Refusal>> {
+        let mut ids = None;
+        let mut top_k = None;
+        let mut allowed = None;
+        let mut problem = None;
+        for (name, handle) in inputs {
+            // Inputs are owned by the host now: take them out of the table either way.
+            let t = self.table.delete(handle)?;
+            if problem.is_some() {
+                continue;
+            }
+            let parsed = match name.as_str() {
+                INPUT_IDS => i32_vector(&name, &t).map(|v| ids = Some(v)),
+                TOP_K => i32_vector(&name, &t).and_then(|v| match v.as_slice() {
+                    [k] if *k >= 1 => {
+                        top_k = Some((*k as usize).min(vocab));
+                        Ok(())
+                    }
+                    _ => Err(format!("{TOP_K} must hold one integer >= 1, got {v:?}")),
+                }),
+                ALLOWED_IDS => i32_vector(&name, &t).map(|v| allowed = Some(v)),
+                other => Err(format!(
+                    "unknown input tensor {other:?}; expected {INPUT_IDS:?}, optionally {TOP_K:?} and {ALLOWED_IDS:?}"
+                )),
+            };
+            if let Err(msg) = parsed {
+                problem = Some(msg);
+            }
+        }
+        if let Some(msg) = problem {
+            return Ok(Err((ErrorCode::InvalidArgument, msg)));
+        }
+        let Some(ids) = ids else {
+            return Ok(Err((ErrorCode::InvalidArgument, format!("missing input tensor {INPUT_IDS:?}"))));
+        };
+        let want = match (top_k, allowed) {
+            (Some(k), allowed) => Want::TopK { k, allowed },
+            (None, None) => Want::Logits,
+            (None, Some(_)) => {
+                return Ok(Err((ErrorCode::InvalidArgument, format!("{ALLOWED_IDS:?} needs {TOP_K:?}"))));
+            }
+        };
+        Ok(Ok((ids, want)))
+    }
+}
+
+/// A rank-1 (or [1, n]) I32 tensor as integers.
+fn i32_vector(name: &str, t: &TensorHandle) -> Result<Vec<i32>, String> {
+    if t.ty != TensorType::I32 {
+        return Err(format!("{name} must be an I32 tensor, got {:?}", t.ty));
+    }
+    let n: u64 = t.dims.iter().map(|&d| u64::from(d)).product();
+    let shape_ok = matches!(t.dims.as_slice(), [_] | [1, _]);
+    if !shape_ok || n == 0 {
+        return Err(format!("{name} must have shape [n] (or [1, n]) with n >= 1, got {:?}", t.dims));
+    }
+    if t.data.len() as u64 != n * 4 {
+        return Err(format!("{name}: shape {:?} needs {} bytes of data, got {}", t.dims, n * 4, t.data.len()));
+    }
+    Ok(t.data.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+fn le_bytes_f32(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+fn le_bytes_i32(values: &[i32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+impl graph::Host for NnView<'_> {
+    fn load(
+        &mut self,
+        _builder: Vec<GraphBuilder>,
+        _encoding: GraphEncoding,
+        _target: ExecutionTarget,
+    ) -> wasmtime::Result<Result<Resource<GraphHandle>, Resource<NnError>>> {
+        self.ctx.note_call();
+        Ok(Err(self.error(
+            ErrorCode::UnsupportedOperation,
+            "loading model bytes is not supported; use load-by-name with a model the host serves",
+        )?))
+    }
+
+    fn load_by_name(&mut self, name: String) -> wasmtime::Result<Result<Resource<GraphHandle>, Resource<NnError>>> {
+        self.ctx.note_call();
+        match self.ctx.model(&name) {
+            Ok(model) => Ok(Ok(self.table.push(GraphHandle { model })?)),
+            Err((code, msg)) => Ok(Err(self.error(code, msg)?)),
+        }
+    }
+}
+
+impl graph::HostGraph for NnView<'_> {
+    async fn init_execution_context(
+        &mut self,
+        graph: Resource<GraphHandle>,
+    ) -> wasmtime::Result<Result<Resource<ExecutionContext>, Resource<NnError>>> {
+        self.ctx.note_call();
+        if self.ctx.open_contexts >= self.ctx.max_contexts {
+            let msg = format!(
+                "plugin {} may hold at most {} execution contexts at once; drop one first",
+                self.ctx.plugin, self.ctx.max_contexts
+            );
+            return Ok(Err(self.error(ErrorCode::TooLarge, msg)?));
+        }
+        let model = self.table.get(&graph)?.model.clone();
+        match model.open().await {
+            Ok(sequence) => {
+                self.ctx.open_contexts += 1;
+                Ok(Ok(self.table.push(ExecutionContext { sequence })?))
+            }
+            Err(e) => Ok(Err(self.error(engine_error(&e), e.to_string())?)),
+        }
+    }
+
+    fn drop(&mut self, graph: Resource<GraphHandle>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        Ok(())
+    }
+}
+
+impl inference::Host for NnView<'_> {}
+
+impl inference::HostGraphExecutionContext for NnView<'_> {
+    async fn compute(
+        &mut self,
+        ctx: Resource<ExecutionContext>,
+        inputs: Vec<NamedTensor>,
+    ) -> wasmtime::Result<Result<Vec<NamedTensor>, Resource<NnError>>> {
+        self.ctx.note_call();
+        let vocab = self.table.get(&ctx)?.sequence.model().info().vocab_size;
+        let (ids, want) = match self.parse_inputs(inputs, vocab)? {
+            Ok(parsed) => parsed,
+            Err((code, msg)) => return Ok(Err(self.error(code, msg)?)),
+        };
+        let result = self.table.get_mut(&ctx)?.sequence.feed(&ids, want).await;
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => return Ok(Err(self.error(engine_error(&e), e.to_string())?)),
+        };
+        if !self.ctx.first_output_seen {
+            self.ctx.first_output_seen = true;
+            self.ctx.observer.first_output(&self.ctx.plugin, self.ctx.created.elapsed());
+        }
+        let tensors = match out {
+            Output::Logits(row) => vec![("logits", vec![row.len() as u32], TensorType::Fp32, le_bytes_f32(&row))],
+            Output::TopK { ids, logits } => vec![
+                ("top_k_ids", vec![ids.len() as u32], TensorType::I32, le_bytes_i32(&ids)),
+                ("top_k_logits", vec![logits.len() as u32], TensorType::Fp32, le_bytes_f32(&logits)),
+            ],
+        };
+        let mut named = Vec::with_capacity(tensors.len());
+        for (name, dims, ty, data) in tensors {
+            named.push((name.to_string(), self.table.push(TensorHandle { dims, ty, data })?));
+        }
+        Ok(Ok(named))
+    }
+
+    fn drop(&mut self, ctx: Resource<ExecutionContext>) -> wasmtime::Result<()> {
+        // Dropping the sequence queues the release of its KV cells.
+        self.table.delete(ctx)?;
+        self.ctx.open_contexts = self.ctx.open_contexts.saturating_sub(1);
+        Ok(())
+    }
+}
+
+impl tensor::Host for NnView<'_> {}
+
+impl tensor::HostTensor for NnView<'_> {
+    fn new(
+        &mut self,
+        dims: TensorDimensions,
+        ty: TensorType,
+        data: TensorData,
+    ) -> wasmtime::Result<Resource<TensorHandle>> {
+        Ok(self.table.push(TensorHandle { dims, ty, data })?)
+    }
+
+    fn dimensions(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<TensorDimensions> {
+        Ok(self.table.get(&t)?.dims.clone())
+    }
+
+    fn ty(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<TensorType> {
+        Ok(self.table.get(&t)?.ty)
+    }
+
+    fn data(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<TensorData> {
+        Ok(self.table.get(&t)?.data.clone())
+    }
+
+    fn drop(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<()> {
+        self.table.delete(t)?;
+        Ok(())
+    }
+}
+
+impl errors::Host for NnView<'_> {}
+
+impl errors::HostError for NnView<'_> {
+    fn code(&mut self, e: Resource<NnError>) -> wasmtime::Result<ErrorCode> {
+        Ok(self.table.get(&e)?.code)
+    }
+
+    fn data(&mut self, e: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&e)?.message.clone())
+    }
+
+    fn drop(&mut self, e: Resource<NnError>) -> wasmtime::Result<()> {
+        self.table.delete(e)?;
+        Ok(())
+    }
+}

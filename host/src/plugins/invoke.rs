@@ -1,0 +1,241 @@
+//! Running one request in a fresh, limited instance of a plugin.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::task::AbortHandle;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::WasiHttpView;
+
+use super::registry::Plugin;
+use super::store::{sandboxed_wasi, MemoryLimit, OutgoingPolicy, PluginState};
+use super::{PluginObserver, PluginRuntime};
+use crate::nn::NnCtx;
+
+/// Why a guest stopped before finishing its request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrapKind {
+    /// The request deadline passed.
+    Deadline,
+    /// The guest tried to grow memory past its limit.
+    MemoryLimit,
+    /// The guest panicked or reached `unreachable`.
+    Panic,
+    StackOverflow,
+    /// Any other trap or host-side failure, with its message.
+    Other(String),
+}
+
+impl TrapKind {
+    /// A short label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TrapKind::Deadline => "deadline",
+            TrapKind::MemoryLimit => "memory_limit",
+            TrapKind::Panic => "panic",
+            TrapKind::StackOverflow => "stack_overflow",
+            TrapKind::Other(_) => "other",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("plugin {plugin} is at its concurrency limit of {limit}")]
+    Busy { plugin: String, limit: usize },
+    #[error("plugin {plugin} did not finish within its deadline of {deadline:?}")]
+    Deadline { plugin: String, deadline: Duration },
+    #[error("plugin {plugin} failed: {kind:?}")]
+    Trap { plugin: String, kind: TrapKind },
+    #[error("plugin {plugin} returned without sending a response")]
+    NoResponse { plugin: String },
+    #[error("plugin {plugin} answered with an error: {code}")]
+    GuestError { plugin: String, code: String },
+    #[error("no instance of plugin {plugin} could be created: {message}")]
+    Instantiate { plugin: String, message: String },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+/// The response body a plugin streams. Dropping it (the client went away, or the body is
+/// done) stops the guest at once, which frees its sequences and KV cells.
+pub struct PluginBody {
+    inner: HyperOutgoingBody,
+    _guest: AbortOnDrop,
+}
+
+struct AbortOnDrop(AbortHandle);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Body for PluginBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What a finished guest run amounted to.
+type RunResult = Result<(), InvokeError>;
+
+impl PluginRuntime {
+    /// Serve one request with a fresh instance of `plugin`.
+    pub async fn invoke<B>(
+        &self,
+        plugin: &Arc<Plugin>,
+        req: hyper::Request<B>,
+    ) -> Result<hyper::Response<PluginBody>, InvokeError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let name = plugin.name.clone();
+        let permit = plugin
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| InvokeError::Busy { plugin: name.clone(), limit: plugin.manifest.max_concurrency })?;
+        let deadline_after = Duration::from_millis(plugin.manifest.deadline_ms);
+        let deadline = Instant::now() + deadline_after;
+        let m = &plugin.manifest;
+        let state = PluginState {
+            table: wasmtime::component::ResourceTable::new(),
+            wasi: sandboxed_wasi(&m.config),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            outgoing: OutgoingPolicy { allowed_hosts: plugin.allowed_hosts.clone() },
+            limits: MemoryLimit {
+                max_bytes: usize::try_from(m.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+                max_table_elements: 100_000,
+                hit: false,
+            },
+            nn: NnCtx::new(
+                self.engine.clone(),
+                name.as_str().into(),
+                plugin.allowed_models.clone(),
+                m.max_contexts,
+                self.nn_observer.clone(),
+            ),
+        };
+        let mut store = Store::new(&self.wasm, state);
+        store.limiter(|s| &mut s.limits);
+        // Every epoch tick, a running guest yields to the executor; past the deadline it traps.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, req)
+            .map_err(|e| InvokeError::BadRequest(format!("{e:#}")))?;
+        let out = store
+            .data_mut()
+            .http()
+            .new_response_outparam(tx)
+            .map_err(|e| InvokeError::Instantiate { plugin: name.clone(), message: format!("{e:#}") })?;
+
+        let pre = plugin.pre.clone();
+        let observer = self.observer.clone();
+        let task_name = name.clone();
+        let task = tokio::spawn(async move {
+            let _permit = permit;
+            let run = async {
+                let started = Instant::now();
+                let proxy = pre.instantiate_async(&mut store).await.map_err(|e| (true, e))?;
+                observer.instantiated(&task_name, started.elapsed());
+                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await.map_err(|e| (false, e))
+            };
+            let outcome = tokio::time::timeout_at(deadline.into(), run).await;
+            let result = classify(&task_name, outcome, &store, deadline_after);
+            if let Err(InvokeError::Trap { kind, .. }) = &result {
+                observer.trapped(&task_name, kind);
+            } else if let Err(InvokeError::Deadline { .. }) = &result {
+                observer.trapped(&task_name, &TrapKind::Deadline);
+            }
+            result
+            // The store drops here: open sequences close and their KV cells are freed.
+        });
+        let abort = task.abort_handle();
+        match rx.await {
+            Ok(Ok(response)) => {
+                // The body streams from here; report a later failure once the guest ends.
+                tokio::spawn(async move {
+                    if let Ok(Err(e)) = task.await {
+                        tracing::warn!(error = %e, "plugin failed after sending its response headers");
+                    }
+                });
+                Ok(response.map(|inner| PluginBody { inner, _guest: AbortOnDrop(abort) }))
+            }
+            Ok(Err(code)) => {
+                let _ = task.await;
+                Err(InvokeError::GuestError { plugin: name, code: error_code_text(&code) })
+            }
+            Err(_) => match task.await {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) => Err(InvokeError::NoResponse { plugin: name }),
+                Err(join) => Err(InvokeError::Trap { plugin: name, kind: TrapKind::Other(join.to_string()) }),
+            },
+        }
+    }
+}
+
+fn error_code_text(code: &ErrorCode) -> String {
+    format!("{code:?}")
+}
+
+/// Sort a finished run into success or a failure kind.
+fn classify(
+    plugin: &str,
+    outcome: Result<Result<(), (bool, wasmtime::Error)>, tokio::time::error::Elapsed>,
+    store: &Store<PluginState>,
+    deadline: Duration,
+) -> RunResult {
+    let plugin = plugin.to_string();
+    let (instantiating, err) = match outcome {
+        Err(_) => return Err(InvokeError::Deadline { plugin, deadline }),
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e,
+    };
+    if store.data().limits.hit {
+        return Err(InvokeError::Trap { plugin, kind: TrapKind::MemoryLimit });
+    }
+    let kind = match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return Err(InvokeError::Deadline { plugin, deadline }),
+        Some(Trap::UnreachableCodeReached) => TrapKind::Panic,
+        Some(Trap::StackOverflow) => TrapKind::StackOverflow,
+        Some(other) => TrapKind::Other(other.to_string()),
+        None if instantiating => {
+            return Err(InvokeError::Instantiate { plugin, message: format!("{err:#}") });
+        }
+        None => TrapKind::Other(format!("{err:#}")),
+    };
+    tracing::warn!(plugin = %plugin, kind = kind.label(), error = %format!("{err:#}"), "guest trapped");
+    Err(InvokeError::Trap { plugin, kind })
+}
+
+/// Observes plugin runs (metrics and benchmarks implement it).
+pub fn noop_observer() -> Arc<dyn PluginObserver> {
+    struct Noop;
+    impl PluginObserver for Noop {}
+    Arc::new(Noop)
+}

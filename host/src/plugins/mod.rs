@@ -1,0 +1,207 @@
+//! The plugin runtime: a directory of wasm components served per request.
+//!
+//! Each component is validated, compiled once (cached on disk by content hash, wasmtime
+//! version and configuration) and pre-linked. Each request runs in a fresh instance from the
+//! pooling allocator, in its own store with a memory limit, a deadline (epoch interruption
+//! plus a timeout around host calls), no filesystem, no sockets, and outgoing HTTP only to
+//! hosts its manifest allows. The directory is watched; a reload swaps the whole set
+//! atomically.
+
+mod invoke;
+mod manifest;
+mod registry;
+mod store;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use wasmtime::component::Linker;
+use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+pub use invoke::{noop_observer, InvokeError, PluginBody, TrapKind};
+pub use manifest::{PluginManifest, RESERVED_PREFIXES};
+pub use registry::{Plugin, PluginFailure, PluginSet};
+pub use store::PluginState;
+
+use crate::engine::Engine;
+use crate::nn::NnObserver;
+use registry::Loader;
+
+/// Observes plugin runs; every method has an empty default.
+pub trait PluginObserver: Send + Sync {
+    fn instantiated(&self, _plugin: &str, _took: Duration) {}
+    fn trapped(&self, _plugin: &str, _kind: &TrapKind) {}
+}
+
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    pub plugin_dir: PathBuf,
+    /// Where compiled plugins are cached; `None` compiles at every start.
+    pub cache_dir: Option<PathBuf>,
+    /// How often to look for changed plugin files; `None` disables hot reload.
+    pub reload_interval: Option<Duration>,
+    /// Instances that may exist at once (the pooling allocator's slots).
+    pub max_instances: u32,
+    /// The largest memory any plugin may be given.
+    pub max_memory_mb: u64,
+}
+
+impl RuntimeConfig {
+    pub fn new(plugin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            plugin_dir: plugin_dir.into(),
+            cache_dir: None,
+            reload_interval: Some(Duration::from_secs(1)),
+            max_instances: 256,
+            max_memory_mb: 1024,
+        }
+    }
+}
+
+/// Summary of a (re)load.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReloadReport {
+    pub loaded: Vec<String>,
+    pub failed: Vec<PluginFailure>,
+}
+
+pub struct PluginRuntime {
+    pub(crate) wasm: wasmtime::Engine,
+    linker: Linker<PluginState>,
+    pub(crate) engine: Arc<Engine>,
+    config: RuntimeConfig,
+    current: RwLock<Arc<PluginSet>>,
+    reload_lock: tokio::sync::Mutex<u64>,
+    pub(crate) observer: Arc<dyn PluginObserver>,
+    pub(crate) nn_observer: Arc<dyn NnObserver>,
+    ticker: EpochTicker,
+}
+
+/// Advances the engine's epoch every few milliseconds: the clock for guest deadlines.
+struct EpochTicker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+fn wasm_engine(config: &RuntimeConfig) -> anyhow::Result<wasmtime::Engine> {
+    let mut cfg = Config::new();
+    cfg.wasm_component_model(true);
+    cfg.epoch_interruption(true);
+    cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    let max_memory = usize::try_from(config.max_memory_mb.saturating_mul(1 << 20))?;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(config.max_instances)
+        .total_core_instances(config.max_instances.saturating_mul(8))
+        .total_memories(config.max_instances.saturating_mul(2))
+        .total_tables(config.max_instances.saturating_mul(8))
+        .total_stacks(config.max_instances)
+        .max_memory_size(max_memory)
+        .max_memories_per_component(4)
+        .max_tables_per_component(16)
+        .max_core_instances_per_component(32);
+    cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Ok(wasmtime::Engine::new(&cfg)?)
+}
+
+impl PluginRuntime {
+    /// Create the runtime and load the plugin directory once.
+    pub async fn start(
+        engine: Arc<Engine>,
+        config: RuntimeConfig,
+        observer: Arc<dyn PluginObserver>,
+        nn_observer: Arc<dyn NnObserver>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let wasm = wasm_engine(&config)?;
+        let mut linker = Linker::<PluginState>::new(&wasm);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        crate::nn::add_to_linker(&mut linker, PluginState::nn_view)?;
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (wasm, stop) = (wasm.clone(), stop.clone());
+            std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    wasm.increment_epoch();
+                }
+            })?;
+        }
+        let runtime = Arc::new(Self {
+            wasm,
+            linker,
+            engine,
+            config,
+            current: RwLock::new(Arc::new(PluginSet::default())),
+            reload_lock: tokio::sync::Mutex::new(0),
+            observer,
+            nn_observer,
+            ticker: EpochTicker { stop },
+        });
+        let report = runtime.reload().await;
+        tracing::info!(loaded = ?report.loaded, failed = report.failed.len(), "plugins loaded");
+        Ok(runtime)
+    }
+
+    /// The plugins serving now. Requests keep the `Arc` they got, so a reload never
+    /// disturbs them.
+    pub fn plugins(&self) -> Arc<PluginSet> {
+        self.current.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Rescan the plugin directory and swap in the new set.
+    pub async fn reload(&self) -> ReloadReport {
+        let mut last = self.reload_lock.lock().await;
+        *last = registry::fingerprint(&self.config.plugin_dir);
+        let old = self.plugins();
+        let loader = Loader { wasm: &self.wasm, linker: &self.linker, cache_dir: self.config.cache_dir.as_deref() };
+        let set = loader.load_dir(&self.config.plugin_dir, &old).await;
+        let report = ReloadReport { loaded: set.plugins.keys().cloned().collect(), failed: set.failures.clone() };
+        match self.current.write() {
+            Ok(mut cur) => *cur = Arc::new(set),
+            Err(p) => *p.into_inner() = Arc::new(set),
+        }
+        report
+    }
+
+    /// Reload whenever the directory's files change.
+    pub fn watch(self: &Arc<Self>) {
+        let Some(every) = self.config.reload_interval else { return };
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(rt) = weak.upgrade() else { return };
+                let now = registry::fingerprint(&rt.config.plugin_dir);
+                let seen = *rt.reload_lock.lock().await;
+                if now != seen {
+                    let report = rt.reload().await;
+                    tracing::info!(loaded = ?report.loaded, failed = report.failed.len(), "plugin directory changed; reloaded");
+                }
+            }
+        });
+    }
+
+    /// Whether the epoch ticker (the guest deadline clock) is running.
+    pub fn ticking(&self) -> bool {
+        !self.ticker.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
