@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-guests=(-p flywheel-guest -p complete -p json -p hostile)
+guests=(-p flywheel-guest -p complete -p json -p stream -p openai -p hostile)
 cargo fmt --all --check
 cargo clippy --release --all-targets -- -D warnings
 cargo clippy --profile guest --target wasm32-wasip2 "${guests[@]}" -- -D warnings

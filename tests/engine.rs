@@ -414,3 +414,34 @@ fn logits(out: Output) -> Vec<f32> {
         other => panic!("expected logits, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenizer_json_in_the_manifest_replaces_the_gguf_vocabulary() {
+    let gguf = load(tiny_manifest("tiny-gguf-vocab"));
+    let path = scratch_dir("tokenizer").join("tokenizer.json");
+    std::fs::write(&path, tiny_gguf::tokenizer_json()).unwrap();
+    let mut m = tiny_manifest("tiny-hf-vocab");
+    m.tokenizer = Some(path);
+    let hf = load(m);
+
+    let text = "hello world xyzzy";
+    let from_gguf = gguf.tokenize(text, false, false).unwrap();
+    let from_hf = hf.tokenize(text, false, false).unwrap();
+    // The word-level tokenizer knows "hello" and "world" (as the ids of their SPM pieces)
+    // and maps the unknown word to <unk>; SPM spells it out in pieces instead.
+    assert_eq!(from_hf.len(), 3);
+    assert_eq!(&from_hf[..2], &from_gguf[..2]);
+    assert_eq!(from_hf[2], 0);
+    assert!(from_gguf.len() > 3);
+    assert_eq!(hf.detokenize(&from_hf[..2], false).unwrap(), "hello world");
+    // Sequences fed with these ids decode like any others.
+    let mut seq = hf.open().await.unwrap();
+    assert_eq!(greedy(&mut seq, &from_hf, 4).await.len(), 4);
+    // A broken tokenizer file is a clear load error.
+    let bad = scratch_dir("tokenizer").join("broken.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    let mut m = tiny_manifest("tiny-bad-vocab");
+    m.tokenizer = Some(bad);
+    let e = Engine::load(vec![m], Arc::new(NoObserver)).err().unwrap().to_string();
+    assert!(e.contains("broken.json"), "{e}");
+}

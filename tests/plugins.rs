@@ -358,3 +358,17 @@ async fn compiled_plugins_are_cached_on_disk() {
     assert_eq!(r.status, 200);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_thirty_line_streaming_plugin_streams() {
+    let s = start(models(), &[plugin("stream", "stream", None)], |_| {}).await;
+    let mut resp = s.open("/fn/stream", r#"{"prompt": "once upon a time"}"#).await;
+    assert_eq!(resp.status(), 200);
+    let events = read_events(&mut resp, 1000).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(events.len() > 2, "{events:?}");
+    let bad = s.post("/fn/stream", r#"{"text": "no prompt"}"#).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"]["message"].as_str().unwrap().contains("prompt"));
+    s.shutdown().await;
+}

@@ -36,7 +36,8 @@ impl Candidates {
             Candidates::Full(row) => {
                 let mut best: Option<(usize, f32)> = None;
                 for (i, &l) in row.iter().enumerate() {
-                    if best.is_none_or(|(_, b)| l > b) {
+                    // NaN never wins: `l > b` is false for it.
+                    if best.is_none_or(|(_, b)| l > b) && !l.is_nan() {
                         best = Some((i, l));
                     }
                 }

@@ -149,6 +149,12 @@ impl Sampler {
 
     /// Pick the next token. `recent` is the generated history the penalties look at.
     pub fn sample(&mut self, candidates: &Candidates, recent: &[i32]) -> Option<i32> {
+        if let Candidates::Full(row) = candidates {
+            if self.temperature == 0.0 && self.logit_bias.is_empty() && !self.has_penalties() {
+                // Plain greedy over a full row: one scan, no copies.
+                return candidates.best().filter(|&id| !row[id as usize].is_nan());
+            }
+        }
         let mut cands: Vec<(i32, f32)> = match candidates {
             Candidates::Top { ids, logits } => ids.iter().copied().zip(logits.iter().copied()).collect(),
             Candidates::Full(row) => row.iter().enumerate().map(|(i, &l)| (i as i32, l)).collect(),

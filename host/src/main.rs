@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use flywheel::bench;
 use flywheel::config::{Config, LogFormat};
 use flywheel::engine::{Engine, Model, ModelManifest, NoObserver, Output, Want};
+use flywheel::plugins::{PluginRuntime, RuntimeConfig};
 use flywheel::server::Server;
 
 #[derive(Parser)]
@@ -78,6 +79,32 @@ enum ModelsCommand {
 enum BenchCommand {
     /// The engine's continuous batching against a native llama-cpp-2 lockstep loop.
     Engine(EngineBenchArgs),
+    /// The `complete` plugin's decode loop through wasi-nn against the engine.
+    Plugin(PluginBenchArgs),
+}
+
+#[derive(Args)]
+struct PluginBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The compiled `complete` plugin.
+    #[arg(long, default_value = "target/wasm32-wasip2/guest/complete.wasm")]
+    plugin: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    n: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    prompt: usize,
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    #[arg(long)]
+    threads: Option<i32>,
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long)]
+    /// Only measure instantiation (works with any plugin, not just `complete`).
+    #[arg(long)]
+    instantiate_only: bool,
+    json: bool,
 }
 
 #[derive(Args)]
@@ -141,6 +168,7 @@ fn main() -> anyhow::Result<()> {
         Command::Models(ModelsCommand::List { models_dir }) => list_models(&models_dir),
         // One thread for the callers: the decode threads get the cores, as in the native loop.
         Command::Bench(BenchCommand::Engine(args)) => small_runtime()?.block_on(bench_engine(args)),
+        Command::Bench(BenchCommand::Plugin(args)) => small_runtime()?.block_on(bench_plugin(args)),
     }
 }
 
@@ -211,13 +239,8 @@ fn list_models(dir: &Path) -> anyhow::Result<()> {
 }
 
 async fn bench_engine(args: EngineBenchArgs) -> anyhow::Result<()> {
-    let mut manifest = load_manifest(&args.model)?;
-    if let Some(t) = args.threads {
-        manifest.threads = t;
-    }
     let max_n = args.n.iter().copied().max().unwrap_or(1);
-    manifest.max_sequences = manifest.max_sequences.max(max_n);
-    manifest.context_length = manifest.context_length.min((args.prompt + args.gen).next_power_of_two().max(256));
+    let manifest = bench_manifest(&args.model, args.threads, max_n, args.prompt, args.gen)?;
     let title = format!(
         "bench engine: model {} threads {} (prompt {}, gen {}, greedy)",
         manifest.name, manifest.threads, args.prompt, args.gen
@@ -241,6 +264,91 @@ async fn bench_engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     bench::print_table(&title, &rows, json);
     if !json {
         print_engine_ratios(&rows);
+    }
+    Ok(())
+}
+
+/// The manifest a bench uses: the named model, sized for the runs.
+fn bench_manifest(
+    args: &ModelArgs,
+    threads: Option<i32>,
+    max_n: usize,
+    prompt: usize,
+    gen: usize,
+) -> anyhow::Result<ModelManifest> {
+    let mut manifest = load_manifest(args)?;
+    if let Some(t) = threads {
+        manifest.threads = t;
+    }
+    manifest.max_sequences = manifest.max_sequences.max(max_n);
+    manifest.context_length = manifest.context_length.min((prompt + gen).next_power_of_two().max(256));
+    Ok(manifest)
+}
+
+async fn bench_plugin(args: PluginBenchArgs) -> anyhow::Result<()> {
+    let max_n = args.n.iter().copied().max().unwrap_or(1);
+    let manifest = bench_manifest(&args.model, args.threads, max_n, args.prompt, args.gen)?;
+    let title = format!(
+        "bench plugin: model {} threads {} (prompt {}, gen {}, greedy, streamed)",
+        manifest.name, manifest.threads, args.prompt, args.gen
+    );
+    let model_name = manifest.name.clone();
+    let engine = Arc::new(Engine::load(vec![manifest], Arc::new(NoObserver))?);
+    let model = engine.model(&model_name)?.clone();
+    // A private plugin directory holding just the `complete` plugin.
+    let dir = std::env::temp_dir().join(format!("flywheel-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&args.plugin, dir.join("complete.wasm"))
+        .with_context(|| format!("cannot read {}; build it with scripts/build-plugins.sh", args.plugin.display()))?;
+    std::fs::write(
+        dir.join("complete.toml"),
+        "max_concurrency = 256
+deadline_ms = 600000
+",
+    )?;
+    let mut config = RuntimeConfig::new(&dir);
+    config.reload_interval = None;
+    config.probe_first_host_call = true;
+    let probes = Arc::new(bench::plugin::Probes::default());
+    let runtime = PluginRuntime::start(engine, config, probes.clone(), probes.clone()).await?;
+    let set = runtime.plugins();
+    let plugin = set.plugins.get("complete").cloned().with_context(|| {
+        let why: Vec<_> = set.failures.iter().map(|f| f.error.clone()).collect();
+        format!("the complete plugin did not load: {why:?}")
+    })?;
+    let b = bench::plugin::PluginBench {
+        ns: args.n,
+        prompt: args.prompt,
+        gen: args.gen,
+        repeat: args.repeat,
+        instantiate_only: args.instantiate_only,
+        ..Default::default()
+    };
+    let json = args.json;
+    let rows = b
+        .run(&runtime, &plugin, &model, &probes, |r| {
+            if !json && r.p50_us.is_none() {
+                eprintln!("  measured {} n={}: {:.1} tok/s", r.mode, r.n, r.tok_s);
+            }
+        })
+        .await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    bench::print_table(&title, &rows, json);
+    if !json {
+        println!(
+            "
+plugin / engine tok/s:"
+        );
+        for r in rows.iter().filter(|r| r.mode == "plugin") {
+            if let Some(e) = rows.iter().find(|x| x.mode == "engine" && x.n == r.n) {
+                println!("  n={:<3} {:.3}", r.n, r.tok_s / e.tok_s);
+            }
+        }
+        for r in rows.iter().filter(|r| r.mode == "plugin-full-logits") {
+            if let Some(p) = rows.iter().find(|x| x.mode == "plugin" && x.n == r.n) {
+                println!("  n={:<3} full logits costs {:+.2} ms per step over top-k", r.n, r.step_ms - p.step_ms);
+            }
+        }
     }
     Ok(())
 }

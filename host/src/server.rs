@@ -65,6 +65,7 @@ impl Server {
             reload_interval: (p.reload_interval_ms > 0).then(|| Duration::from_millis(p.reload_interval_ms)),
             max_instances: p.max_instances,
             max_memory_mb: p.max_memory_mb,
+            probe_first_host_call: false,
         };
         let runtime = PluginRuntime::start(engine, runtime_config, metrics.clone(), metrics.clone()).await?;
         runtime.watch();

@@ -297,3 +297,33 @@ fn pad(out: &mut Vec<u8>) {
         out.push(0);
     }
 }
+
+/// A Hugging Face `tokenizer.json` (word-level, whitespace-split) over the tiny vocabulary:
+/// each word of `WORDS` maps to the id of its `▁word` piece, anything else to `<unk>`.
+pub fn tokenizer_json() -> String {
+    let vocab = vocab();
+    let mut entries = vec![("<unk>".to_string(), 0usize)];
+    for w in WORDS {
+        let piece = format!("\u{2581}{w}");
+        if let Some(id) = vocab.iter().position(|(p, _, _)| *p == piece) {
+            entries.push((w.to_string(), id));
+        }
+    }
+    let vocab_json: Vec<String> = entries.iter().map(|(w, id)| format!("{w:?}: {id}")).collect();
+    format!(
+        r#"{{
+  "version": "1.0",
+  "truncation": null,
+  "padding": null,
+  "added_tokens": [
+    {{"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}}
+  ],
+  "normalizer": null,
+  "pre_tokenizer": {{"type": "Whitespace"}},
+  "post_processor": null,
+  "decoder": null,
+  "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "<unk>"}}
+}}"#,
+        vocab_json.join(", ")
+    )
+}

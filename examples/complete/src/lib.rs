@@ -1,7 +1,7 @@
 //! `complete`: continue a prompt.
 //!
-//! POST a JSON body: `prompt` (required), `model`, `max_tokens` (default 128), `stop`,
-//! `stream`, and sampling fields (`temperature` default 1.0, `top_p`, `top_k`, `min_p`,
+//! POST a JSON body: `prompt` (required: text, or token ids as in OpenAI's API), `model`,
+//! `max_tokens` (default 128), `stop`, `stream`, `ignore_eos`, and sampling fields (`temperature` default 1.0, `top_p`, `top_k`, `min_p`,
 //! `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `seed`, `logit_bias`),
 //! plus `full_logits` to sample from whole logits rows instead of the host's top
 //! candidates. Answers `{"model", "text", "finish_reason", "usage"}`, or with
@@ -15,8 +15,15 @@ use serde::Deserialize;
 use serde_json::json;
 
 #[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Tokens(Vec<i32>),
+}
+
+#[derive(Deserialize)]
 struct CompleteRequest {
-    prompt: String,
+    prompt: Prompt,
     model: Option<String>,
     max_tokens: Option<i64>,
     stop: Option<Stop>,
@@ -24,6 +31,9 @@ struct CompleteRequest {
     stream: bool,
     #[serde(default)]
     full_logits: bool,
+    /// Keep generating past end-of-generation tokens (benchmarks).
+    #[serde(default)]
+    ignore_eos: bool,
     #[serde(flatten)]
     sampling: SamplingParams,
 }
@@ -46,10 +56,14 @@ impl Handler for Complete {
         let limit = max_tokens(body.max_tokens, 128, info.context_length)?;
         let sampler = body.sampling.sampler(1.0, info.vocab_size)?.full_logits(body.full_logits);
         let mut options = GenerateOptions::max_tokens(limit);
+        options.stop_at_end_of_generation = !body.ignore_eos;
         for s in body.stop.map(Stop::into_vec).transpose()?.unwrap_or_default() {
             options = options.stop(s);
         }
-        let prompt = model.tokenize(&body.prompt)?;
+        let prompt = match &body.prompt {
+            Prompt::Text(text) => model.tokenize(text)?,
+            Prompt::Tokens(ids) => ids.clone(),
+        };
         let mut generation = model.generate(&prompt, sampler, options)?;
 
         let usage = |g: &flywheel_guest::Generation| {

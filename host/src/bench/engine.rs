@@ -82,14 +82,14 @@ impl EngineBench {
 }
 
 /// The run with the median tok/s.
-fn median_row(mut runs: Vec<Row>) -> Row {
+pub(crate) fn median_row(mut runs: Vec<Row>) -> Row {
     runs.sort_by(|a, b| a.tok_s.total_cmp(&b.tok_s));
     let mid = runs.len() / 2;
     runs.swap_remove(mid)
 }
 
 /// N tasks, each opening a sequence and decoding greedily with host top-1.
-async fn engine_run(model: &Arc<Model>, prompts: &[Vec<i32>], gen: usize) -> anyhow::Result<Row> {
+pub(crate) async fn engine_run(model: &Arc<Model>, prompts: &[Vec<i32>], gen: usize) -> anyhow::Result<Row> {
     let prefill_before = model.stats().prefill_tokens.load(std::sync::atomic::Ordering::Relaxed);
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -181,7 +181,7 @@ fn native_lockstep(
     Ok(row("native", prompts, gen, total, first_at.elapsed(), ttft.as_secs_f64() * 1e3, prefill as u64))
 }
 
-fn row(
+pub(crate) fn row(
     mode: &str,
     prompts: &[Vec<i32>],
     gen: usize,
@@ -201,5 +201,6 @@ fn row(
         step_ms: decode.as_secs_f64() * 1e3 / (gen.saturating_sub(1).max(1)) as f64,
         ttft_ms,
         prefill_tokens: prefill,
+        p50_us: None,
     }
 }

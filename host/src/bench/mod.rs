@@ -3,6 +3,7 @@
 //! Every bench prints a table and, with `--json`, one JSON object per row.
 
 pub mod engine;
+pub mod plugin;
 
 use serde::Serialize;
 
@@ -25,6 +26,9 @@ pub struct Row {
     pub ttft_ms: f64,
     /// Prompt tokens actually computed (shared prefixes count once).
     pub prefill_tokens: u64,
+    /// Median latency of a single operation, for rows that measure one (instantiation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_us: Option<f64>,
 }
 
 pub fn print_table(title: &str, rows: &[Row], json: bool) {
@@ -42,11 +46,14 @@ pub fn print_table(title: &str, rows: &[Row], json: bool) {
         "{:<22} {:>4} {:>7} {:>5} {:>10} {:>9} {:>9} {:>9}",
         "mode", "n", "prompt", "gen", "tok/s", "step ms", "ttft ms", "prefill"
     );
-    for r in rows {
+    for r in rows.iter().filter(|r| r.p50_us.is_none()) {
         println!(
             "{:<22} {:>4} {:>7} {:>5} {:>10.1} {:>9.2} {:>9.1} {:>9}",
             r.mode, r.n, r.prompt, r.gen, r.tok_s, r.step_ms, r.ttft_ms, r.prefill_tokens
         );
+    }
+    for r in rows.iter().filter(|r| r.p50_us.is_some()) {
+        println!("{:<22} p50 {:>8.1} µs over {} requests", r.mode, r.p50_us.unwrap_or(0.0), r.n);
     }
 }
 

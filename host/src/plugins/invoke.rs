@@ -142,6 +142,17 @@ impl PluginRuntime {
         store.epoch_deadline_callback(move |_| {
             Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
+        if self.config().probe_first_host_call {
+            let (observer, plugin_name, created) = (self.observer.clone(), name.clone(), Instant::now());
+            let mut seen = false;
+            store.call_hook(move |_, hook| {
+                if !seen && matches!(hook, wasmtime::CallHook::CallingHost) {
+                    seen = true;
+                    observer.first_host_call(&plugin_name, created.elapsed());
+                }
+                Ok(())
+            });
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let req = store
             .data_mut()

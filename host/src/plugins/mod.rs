@@ -31,6 +31,9 @@ use registry::Loader;
 /// Observes plugin runs; every method has an empty default.
 pub trait PluginObserver: Send + Sync {
     fn instantiated(&self, _plugin: &str, _took: Duration) {}
+    /// Time from the start of a request's instantiation to the guest's first call into
+    /// the host (only with [`RuntimeConfig::probe_first_host_call`]).
+    fn first_host_call(&self, _plugin: &str, _since_start: Duration) {}
     fn trapped(&self, _plugin: &str, _kind: &TrapKind) {}
 }
 
@@ -45,6 +48,8 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// The largest memory any plugin may be given.
     pub max_memory_mb: u64,
+    /// Report each request's time to its first host call (a store call hook; for benches).
+    pub probe_first_host_call: bool,
 }
 
 impl RuntimeConfig {
@@ -55,6 +60,7 @@ impl RuntimeConfig {
             reload_interval: Some(Duration::from_secs(1)),
             max_instances: 256,
             max_memory_mb: 1024,
+            probe_first_host_call: false,
         }
     }
 }
@@ -106,7 +112,11 @@ fn wasm_engine(config: &RuntimeConfig) -> anyhow::Result<wasmtime::Engine> {
         .max_memory_size(max_memory)
         .max_memories_per_component(4)
         .max_tables_per_component(16)
-        .max_core_instances_per_component(32);
+        .max_core_instances_per_component(32)
+        // Keep recently used slots' first pages mapped: instantiation then skips page faults.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(1 << 16)
+        .async_stack_keep_resident(1 << 16);
     cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Ok(wasmtime::Engine::new(&cfg)?)
 }

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Build the example plugins and install them, with their manifests, in a plugin directory
+# (default .flywheel/plugins, the directory flywheel.example.toml serves).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dest="${1:-.flywheel/plugins}"
+plugins=(complete json stream openai)
+args=()
+for p in "${plugins[@]}"; do args+=(-p "$p"); done
+cargo build --profile guest --target wasm32-wasip2 "${args[@]}"
+mkdir -p "$dest"
+for p in "${plugins[@]}"; do
+  # Copy to a temporary name and rename, so a running server's hot reload never sees half a file.
+  cp "target/wasm32-wasip2/guest/$p.wasm" "$dest/.$p.wasm.tmp" && mv "$dest/.$p.wasm.tmp" "$dest/$p.wasm"
+  if [ -f "examples/$p/$p.toml" ]; then cp "examples/$p/$p.toml" "$dest/$p.toml"; fi
+done
+echo "plugins installed in $dest: ${plugins[*]}"
