@@ -3,6 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+
+# The tests drive the OpenAI API with the official Python client.
+if ! python3 -c "import openai" >/dev/null 2>&1; then
+  echo "setup: installing the openai Python client"
+  python3 -m pip install -q --disable-pip-version-check "openai==3.57.0"
+fi
+
 guests=(-p flywheel-guest -p complete -p json -p stream -p openai -p hostile)
 cargo fmt --all --check
 cargo clippy --release --all-targets -- -D warnings
