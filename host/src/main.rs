@@ -81,6 +81,35 @@ enum BenchCommand {
     Engine(EngineBenchArgs),
     /// The `complete` plugin's decode loop through wasi-nn against the engine.
     Plugin(PluginBenchArgs),
+    /// Load generator for any OpenAI-compatible endpoint (streaming completions).
+    Http(HttpBenchArgs),
+}
+
+#[derive(Args)]
+struct HttpBenchArgs {
+    /// Base URL of the server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    #[arg(long, env = "OPENAI_API_KEY")]
+    api_key: Option<String>,
+    /// Concurrent clients, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    concurrency: Vec<usize>,
+    /// Requests each client sends per run.
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
+    /// Prompt length in tokens (random ids; every request gets its own prompt).
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Vocabulary size of the model, for the random prompt ids.
+    #[arg(long, default_value_t = 49152)]
+    vocab: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -169,6 +198,7 @@ fn main() -> anyhow::Result<()> {
         // One thread for the callers: the decode threads get the cores, as in the native loop.
         Command::Bench(BenchCommand::Engine(args)) => small_runtime()?.block_on(bench_engine(args)),
         Command::Bench(BenchCommand::Plugin(args)) => small_runtime()?.block_on(bench_plugin(args)),
+        Command::Bench(BenchCommand::Http(args)) => small_runtime()?.block_on(bench_http(args)),
     }
 }
 
@@ -265,6 +295,32 @@ async fn bench_engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     if !json {
         print_engine_ratios(&rows);
     }
+    Ok(())
+}
+
+async fn bench_http(args: HttpBenchArgs) -> anyhow::Result<()> {
+    let cfg = bench::http::LoadConfig {
+        url: args.url.clone(),
+        model: args.model.clone(),
+        api_key: args.api_key.clone(),
+        concurrency: args.concurrency.clone(),
+        rounds: args.rounds,
+        prompt_tokens: args.prompt_tokens,
+        max_tokens: args.max_tokens,
+        vocab: args.vocab,
+    };
+    let json = args.json;
+    let rows = bench::http::run(&cfg, |r| {
+        if !json {
+            eprintln!("  measured concurrency {}: {:.1} tok/s", r.n, r.tok_s);
+        }
+    })
+    .await?;
+    let title = format!(
+        "bench http: {} model {} (prompt {} tokens, {} generated, streamed, {} requests per client)",
+        args.url, args.model, args.prompt_tokens, args.max_tokens, args.rounds
+    );
+    bench::print_table(&title, &rows, json);
     Ok(())
 }
 

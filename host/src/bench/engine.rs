@@ -201,6 +201,6 @@ pub(crate) fn row(
         step_ms: decode.as_secs_f64() * 1e3 / (gen.saturating_sub(1).max(1)) as f64,
         ttft_ms,
         prefill_tokens: prefill,
-        p50_us: None,
+        ..Row::default()
     }
 }

@@ -3,6 +3,7 @@
 //! Every bench prints a table and, with `--json`, one JSON object per row.
 
 pub mod engine;
+pub mod http;
 pub mod plugin;
 
 use serde::Serialize;
@@ -29,6 +30,19 @@ pub struct Row {
     /// Median latency of a single operation, for rows that measure one (instantiation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p50_us: Option<f64>,
+    /// Load-generator rows: tails, whole-request latency, counts.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadStats>,
+}
+
+/// What `bench http` adds to a row.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LoadStats {
+    pub ttft_p95_ms: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p95_ms: f64,
+    pub requests: usize,
+    pub errors: usize,
 }
 
 pub fn print_table(title: &str, rows: &[Row], json: bool) {
@@ -42,33 +56,70 @@ pub fn print_table(title: &str, rows: &[Row], json: bool) {
         return;
     }
     println!("{title}");
-    println!(
-        "{:<22} {:>4} {:>7} {:>5} {:>10} {:>9} {:>9} {:>9}",
-        "mode", "n", "prompt", "gen", "tok/s", "step ms", "ttft ms", "prefill"
-    );
-    for r in rows.iter().filter(|r| r.p50_us.is_none()) {
+    if rows.iter().any(|r| r.p50_us.is_none() && r.load.is_none()) {
+        println!(
+            "{:<22} {:>4} {:>7} {:>5} {:>10} {:>9} {:>9} {:>9}",
+            "mode", "n", "prompt", "gen", "tok/s", "step ms", "ttft ms", "prefill"
+        );
+    }
+    for r in rows.iter().filter(|r| r.p50_us.is_none() && r.load.is_none()) {
         println!(
             "{:<22} {:>4} {:>7} {:>5} {:>10.1} {:>9.2} {:>9.1} {:>9}",
             r.mode, r.n, r.prompt, r.gen, r.tok_s, r.step_ms, r.ttft_ms, r.prefill_tokens
         );
+    }
+    let load: Vec<_> = rows.iter().filter_map(|r| r.load.as_ref().map(|l| (r, l))).collect();
+    if !load.is_empty() {
+        println!(
+            "{:<6} {:>7} {:>5} {:>9} {:>10} {:>9} {:>9} {:>10} {:>10} {:>8} {:>6}",
+            "conc",
+            "prompt",
+            "gen",
+            "requests",
+            "tok/s",
+            "ttft p50",
+            "ttft p95",
+            "lat p50",
+            "lat p95",
+            "tpot ms",
+            "errors"
+        );
+        for (r, l) in load {
+            println!(
+                "{:<6} {:>7} {:>5} {:>9} {:>10.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>8.2} {:>6}",
+                r.n,
+                r.prompt,
+                r.gen,
+                l.requests,
+                r.tok_s,
+                r.ttft_ms,
+                l.ttft_p95_ms,
+                l.latency_p50_ms,
+                l.latency_p95_ms,
+                r.step_ms,
+                l.errors
+            );
+        }
     }
     for r in rows.iter().filter(|r| r.p50_us.is_some()) {
         println!("{:<22} p50 {:>8.1} µs over {} requests", r.mode, r.p50_us.unwrap_or(0.0), r.n);
     }
 }
 
-/// Median of a list of durations in milliseconds.
+/// Median of a list of values.
 pub fn median(values: &mut [f64]) -> f64 {
+    percentile(values, 50.0)
+}
+
+/// The `p`th percentile (nearest rank, interpolated between neighbours).
+pub fn percentile(values: &mut [f64], p: f64) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
     values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
+    let rank = (p / 100.0) * (values.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    values[lo] + (values[hi] - values[lo]) * (rank - lo as f64)
 }
 
 /// Deterministic prompts of ordinary vocabulary tokens (BOS first), distinct from the
