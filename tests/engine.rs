@@ -445,3 +445,43 @@ async fn a_tokenizer_json_in_the_manifest_replaces_the_gguf_vocabulary() {
     let e = Engine::load(vec![m], Arc::new(NoObserver)).err().unwrap().to_string();
     assert!(e.contains("broken.json"), "{e}");
 }
+
+/// Both real models at once, decoding at the same time on the one decode thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_real_models_load_and_decode_together() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    let manifests: Vec<ModelManifest> = ["smollm2.toml", "gemma3-270m.toml"]
+        .iter()
+        .filter_map(|f| ModelManifest::from_file(&dir.join(f)).ok())
+        .filter(|m| m.file.exists())
+        .map(|mut m| {
+            m.context_length = 256;
+            m.max_sequences = 4;
+            m
+        })
+        .collect();
+    if manifests.len() < 2 {
+        eprintln!("skipped: fetch both models first (python3 models/fetch.py --all)");
+        return;
+    }
+    let engine = Engine::load(manifests, Arc::new(NoObserver)).unwrap();
+    let mut tasks = Vec::new();
+    for name in ["smollm2", "gemma3-270m"] {
+        let model = engine.model(name).unwrap().clone();
+        tasks.push(tokio::spawn(async move {
+            let prompt = model.tokenize("The capital of France is", true, false).unwrap();
+            let mut seq = model.open().await.unwrap();
+            let out = greedy(&mut seq, &prompt, 6).await;
+            (out.len(), model.detokenize(&out, false).unwrap())
+        }));
+    }
+    for t in tasks {
+        let (n, text) = t.await.unwrap();
+        assert_eq!(n, 6);
+        assert!(!text.trim().is_empty(), "{text:?}");
+    }
+    let gemma = engine.model("gemma3-270m").unwrap();
+    assert_eq!(gemma.info().vocab_size, 262_144);
+    let chat = gemma.apply_chat_template(&[("user".into(), "hi".into())], true).unwrap();
+    assert!(chat.contains("<start_of_turn>user"), "{chat}");
+}

@@ -37,11 +37,9 @@ impl EngineBench {
             info.name,
             manifest.max_sequences
         );
-        // The native loop uses the same weights and context settings in a context of its own.
-        let native_model = model.llama().clone();
         // Warm both paths (thread pools, caches) before measuring.
         let warm = synthetic_prompts(2, self.prompt, 0, info.vocab_size, info.bos, 7);
-        native_lockstep(&native_model, &manifest, &warm, 8)?;
+        native_on_decode_thread(model, &warm, 8)?;
         engine_run(model, &warm, 8).await?;
 
         // Fresh seeds for every run: no prompt can reuse cells cached by an earlier run.
@@ -57,7 +55,7 @@ impl EngineBench {
             let (mut native, mut engine) = (Vec::new(), Vec::new());
             for _ in 0..repeat {
                 let p = prompts(n, 0);
-                native.push(native_lockstep(&native_model, &manifest, &p, self.gen)?);
+                native.push(native_on_decode_thread(model, &p, self.gen)?);
                 engine.push(engine_run(model, &p, self.gen).await?);
                 let (a, b) = (&native[native.len() - 1], &engine[engine.len() - 1]);
                 tracing::info!(n, native = a.tok_s, engine = b.tok_s, ratio = b.tok_s / a.tok_s, "run");
@@ -127,7 +125,15 @@ fn first_id(out: Output) -> anyhow::Result<i32> {
     }
 }
 
-/// The baseline: every sequence advances in lockstep in one batch, on this thread.
+/// The native loop, run on the engine's decode thread (its own context, same settings).
+fn native_on_decode_thread(model: &Arc<Model>, prompts: &[Vec<i32>], gen: usize) -> anyhow::Result<Row> {
+    let (llama, manifest, prompts) = (model.llama().clone(), model.manifest().clone(), prompts.to_vec());
+    model
+        .run_on_decode_thread(move || native_lockstep(&llama, &manifest, &prompts, gen))
+        .ok_or_else(|| anyhow::anyhow!("the decode thread is gone"))?
+}
+
+/// The baseline: every sequence advances in lockstep in one batch, on the calling thread.
 fn native_lockstep(
     model: &LlamaModel,
     manifest: &ModelManifest,

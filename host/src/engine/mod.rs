@@ -4,6 +4,7 @@
 //! context lives on its own scheduler thread and is reached through a channel.
 
 mod backend;
+mod decode_thread;
 mod error;
 mod manifest;
 mod model;
@@ -55,19 +56,29 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Load every manifest; the first failure stops the load and names its model.
+    /// Load every manifest and start the decode thread; the first failure stops the load
+    /// and names its model.
     pub fn load(manifests: Vec<ModelManifest>, observer: Arc<dyn StepObserver>) -> Result<Self, EngineError> {
-        let mut models = BTreeMap::new();
+        let mut prepared = Vec::with_capacity(manifests.len());
         for m in manifests {
-            if models.contains_key(&m.name) {
+            if prepared.iter().any(|p: &model::Prepared| p.manifest.name == m.name) {
                 return Err(EngineError::Manifest {
                     path: m.file.clone(),
                     message: format!("two manifests name the model {:?}", m.name),
                 });
             }
-            let model = Model::load(m, observer.clone())?;
-            models.insert(model.name().to_string(), model);
+            prepared.push(Model::prepare(m)?);
         }
+        let setups = prepared.iter().map(model::Prepared::setup).collect();
+        let links = decode_thread::start(setups, observer)?;
+        let models = prepared
+            .into_iter()
+            .zip(links)
+            .map(|(p, link)| {
+                let model = p.finish(link);
+                (model.name().to_string(), model)
+            })
+            .collect();
         Ok(Self { models })
     }
 

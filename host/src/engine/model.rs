@@ -1,7 +1,6 @@
 //! A loaded model: facts, tokenization, admission control and the handle to its scheduler.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +11,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, Semaphore};
 
 use super::backend::backend;
-use super::scheduler::{self, Command};
+use super::decode_thread::{Link, ModelSetup};
+use super::scheduler::Command;
 use super::tokenizer::{Tokenizer, Vocab};
-use super::{EngineError, ModelManifest, Sequence, StepObserver, Want};
+use super::{EngineError, ModelManifest, Sequence, Want};
 
 /// Facts about a model that guests and clients need.
 #[derive(Clone, Debug)]
@@ -61,9 +61,46 @@ pub struct Model {
     manifest: ModelManifest,
     info: ModelInfo,
     vocab: Vocab,
-    tx: Sender<Command>,
+    link: Link,
     admission: Arc<Semaphore>,
     stats: Arc<EngineStats>,
+}
+
+/// A model whose weights are loaded, waiting for its context on the decode thread.
+pub(crate) struct Prepared {
+    pub(crate) manifest: ModelManifest,
+    info: ModelInfo,
+    vocab: Vocab,
+    stats: Arc<EngineStats>,
+}
+
+impl Prepared {
+    pub(crate) fn setup(&self) -> ModelSetup {
+        ModelSetup {
+            manifest: self.manifest.clone(),
+            llama: self.vocab.llama.clone(),
+            n_vocab: self.vocab.n_vocab,
+            stats: self.stats.clone(),
+        }
+    }
+
+    pub(crate) fn finish(self, link: Link) -> Arc<Model> {
+        tracing::info!(
+            model = %self.manifest.name,
+            vocab = self.vocab.n_vocab,
+            context_length = self.manifest.context_length,
+            max_sequences = self.manifest.max_sequences,
+            "model loaded"
+        );
+        Arc::new(Model {
+            admission: Arc::new(Semaphore::new(self.manifest.max_sequences)),
+            manifest: self.manifest,
+            info: self.info,
+            vocab: self.vocab,
+            link,
+            stats: self.stats,
+        })
+    }
 }
 
 fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
@@ -78,8 +115,8 @@ fn opt_token(t: LlamaToken) -> Option<i32> {
 }
 
 impl Model {
-    /// Verify the file, load the weights and start the scheduler thread.
-    pub fn load(manifest: ModelManifest, observer: Arc<dyn StepObserver>) -> Result<Arc<Self>, EngineError> {
+    /// Verify the file and load the weights and tokenizer.
+    pub(crate) fn prepare(manifest: ModelManifest) -> Result<Prepared, EngineError> {
         let path = manifest.file.clone();
         let expected = manifest.sha256.clone().unwrap_or_else(|| "(none given)".into());
         let missing = |reason: String| EngineError::ModelFileMissing {
@@ -117,22 +154,21 @@ impl Model {
         let info = model_info(&manifest, &llama, n_vocab);
         let vocab = Vocab { name: manifest.name.clone(), llama: llama.clone(), tokenizer, n_vocab };
         let stats = Arc::new(EngineStats::default());
-        let tx = scheduler::start(&manifest, llama, n_vocab, stats.clone(), observer)?;
-        tracing::info!(
-            model = %manifest.name,
-            vocab = n_vocab,
-            context_length = manifest.context_length,
-            max_sequences = manifest.max_sequences,
-            "model loaded"
-        );
-        Ok(Arc::new(Self {
-            admission: Arc::new(Semaphore::new(manifest.max_sequences)),
-            manifest,
-            info,
-            vocab,
-            tx,
-            stats,
-        }))
+        Ok(Prepared { manifest, info, vocab, stats })
+    }
+
+    /// Run `work` on the decode thread between batch steps and wait for it (blocking). The
+    /// native baseline of `bench engine` uses this, so llama.cpp's thread team is the one the
+    /// engine uses: a second team on another thread would throttle both.
+    pub fn run_on_decode_thread<R: Send + 'static>(&self, work: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self.link.run_exclusive(Box::new(move || {
+            let _ = tx.send(work());
+        }));
+        if !sent {
+            return None;
+        }
+        rx.recv().ok()
     }
 
     pub fn name(&self) -> &str {
@@ -253,17 +289,15 @@ impl Model {
     }
 
     pub(crate) fn send(&self, cmd: Command) -> Result<(), EngineError> {
-        self.tx.send(cmd).map_err(|_| self.stopped())
+        if self.link.send(cmd) {
+            Ok(())
+        } else {
+            Err(self.stopped())
+        }
     }
 
     pub(crate) fn stopped(&self) -> EngineError {
         EngineError::SchedulerStopped(self.name().to_string())
-    }
-}
-
-impl Drop for Model {
-    fn drop(&mut self) {
-        let _ = self.tx.send(Command::Shutdown);
     }
 }
 

@@ -18,27 +18,24 @@
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::{DecodeError, LlamaStateSeqFlags, SeqState};
 use tokio::sync::oneshot;
 
-use super::backend::{backend, CONTEXT_CREATION};
 use super::model::EngineStats;
 use super::{topk, EngineError, ModelManifest, Output, StepInfo, StepObserver, Want};
 
+/// What a model's callers ask of its scheduler.
 pub(crate) enum Command {
     Open { reply: oneshot::Sender<Result<i32, EngineError>> },
     Feed { seq: i32, tokens: Vec<i32>, want: Want, reply: oneshot::Sender<Result<Output, EngineError>> },
     Close { seq: i32 },
-    Shutdown,
 }
 
 /// Context settings shared by the scheduler and the native baseline of `bench engine`.
@@ -59,57 +56,8 @@ pub fn context_params(m: &ModelManifest) -> LlamaContextParams {
 }
 
 /// One sequence id per open sequence.
-fn seq_slots(m: &ModelManifest) -> usize {
+pub(crate) fn seq_slots(m: &ModelManifest) -> usize {
     m.max_sequences
-}
-
-/// Start the scheduler thread; returns once its context exists.
-pub(crate) fn start(
-    manifest: &ModelManifest,
-    llama: Arc<LlamaModel>,
-    n_vocab: usize,
-    stats: Arc<EngineStats>,
-    observer: Arc<dyn StepObserver>,
-) -> Result<Sender<Command>, EngineError> {
-    let (tx, rx) = mpsc::channel();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let manifest = manifest.clone();
-    let name = manifest.name.clone();
-    std::thread::Builder::new()
-        .name(format!("sched-{name}"))
-        .spawn(move || {
-            let params = context_params(&manifest);
-            let ctx = {
-                let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
-                backend().and_then(|b| {
-                    llama.new_context(b, params).map_err(|e| EngineError::ContextCreate {
-                        model: manifest.name.clone(),
-                        message: format!("{e} (is kv_cells = context_length x max_sequences too large for memory?)"),
-                    })
-                })
-            };
-            let ctx = match ctx {
-                Ok(ctx) => {
-                    let _ = ready_tx.send(Ok(()));
-                    ctx
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            Scheduler::new(&manifest, ctx, n_vocab, rx, stats, observer).run();
-            tracing::debug!(model = %manifest.name, "scheduler stopped");
-        })
-        .map_err(|e| EngineError::ContextCreate {
-            model: name.clone(),
-            message: format!("cannot spawn thread: {e}"),
-        })?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(tx),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(EngineError::ContextCreate { model: name, message: "scheduler thread died".into() }),
-    }
 }
 
 struct Feed {
@@ -167,7 +115,7 @@ struct Planned {
     prefill: bool,
 }
 
-struct Scheduler<'m> {
+pub(crate) struct Scheduler<'m> {
     name: String,
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
@@ -181,7 +129,6 @@ struct Scheduler<'m> {
     slots: Vec<Slot>,
     /// Sequences with work, in arrival order (fairness for prompt chunks).
     queue: VecDeque<i32>,
-    rx: Receiver<Command>,
     stats: Arc<EngineStats>,
     observer: Arc<dyn StepObserver>,
     clock: u64,
@@ -189,17 +136,11 @@ struct Scheduler<'m> {
     last_step_time: Duration,
 }
 
-enum Flow {
-    Continue,
-    Stop,
-}
-
 impl<'m> Scheduler<'m> {
-    fn new(
+    pub(crate) fn new(
         m: &ModelManifest,
         ctx: LlamaContext<'m>,
         n_vocab: usize,
-        rx: Receiver<Command>,
         stats: Arc<EngineStats>,
         observer: Arc<dyn StepObserver>,
     ) -> Self {
@@ -219,7 +160,6 @@ impl<'m> Scheduler<'m> {
             max_batch_wait: Duration::from_micros(m.max_batch_wait_us),
             slots: (0..slots).map(|_| Slot::Free).collect(),
             queue: VecDeque::new(),
-            rx,
             stats,
             observer,
             clock: 0,
@@ -228,66 +168,28 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    fn run(mut self) {
-        loop {
-            if self.queue.is_empty() {
-                // Nothing to compute: sleep until a caller asks for something.
-                match self.rx.recv() {
-                    Ok(cmd) => {
-                        if let Flow::Stop = self.handle(cmd) {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
-                continue;
-            }
-            while let Ok(cmd) = self.rx.try_recv() {
-                if let Flow::Stop = self.handle(cmd) {
-                    return;
-                }
-            }
-            if let Flow::Stop = self.wait_for_stragglers() {
-                return;
-            }
-            if !self.queue.is_empty() {
-                self.step();
-            }
-        }
+    /// Whether a sequence waits for a step.
+    pub(crate) fn has_work(&self) -> bool {
+        !self.queue.is_empty()
     }
 
-    /// Give sequences answered by the last step a short, bounded chance to submit their next
-    /// token, so they decode in this step instead of forming a second, smaller batch.
-    fn wait_for_stragglers(&mut self) -> Flow {
+    /// Until when to wait for sequences answered by the last step to submit their next
+    /// token, so they decode in the next step instead of forming a second, smaller batch.
+    /// Bounded by half the last step time (and the manifest's maximum).
+    pub(crate) fn wait_deadline(&self) -> Instant {
         let budget = (self.last_step_time / 2).clamp(Duration::from_micros(50), self.max_batch_wait);
-        let deadline = self.last_step_end + budget;
-        while self.awaiting_any() {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            match self.rx.recv_timeout(deadline - now) {
-                Ok(cmd) => {
-                    if let Flow::Stop = self.handle(cmd) {
-                        return Flow::Stop;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => return Flow::Stop,
-            }
-        }
-        Flow::Continue
+        self.last_step_end + budget
     }
 
     /// Whether a sequence answered by the last step has not come back yet.
-    fn awaiting_any(&self) -> bool {
+    pub(crate) fn awaiting_any(&self) -> bool {
         self.slots.iter().any(|s| match s {
             Slot::Live(l) => l.answered_at.is_some_and(|t| t >= self.last_step_end - self.last_step_time),
             _ => false,
         })
     }
 
-    fn handle(&mut self, cmd: Command) -> Flow {
+    pub(crate) fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Open { reply } => {
                 let r = self.open();
@@ -299,9 +201,7 @@ impl<'m> Scheduler<'m> {
                 }
             }
             Command::Close { seq } => self.close(seq),
-            Command::Shutdown => return Flow::Stop,
         }
-        Flow::Continue
     }
 
     fn open(&mut self) -> Result<i32, EngineError> {
@@ -555,7 +455,7 @@ impl<'m> Scheduler<'m> {
         planned
     }
 
-    fn step(&mut self) {
+    pub(crate) fn step(&mut self) {
         let started = Instant::now();
         let mut entries = Vec::with_capacity(self.n_batch);
         let mut planned = self.plan(&mut entries);
