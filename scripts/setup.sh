@@ -8,7 +8,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # llama.cpp builds with cmake; bindgen needs libclang.
-packages=(cmake clang libclang-dev pkg-config)
+packages=(cmake clang libclang-dev pkg-config curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
