@@ -10,6 +10,16 @@ if ! python3 -c "import openai" >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check "openai==3.57.0"
 fi
 
+# The fleet test balances real nodes with Debian's nginx.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "setup: installing nginx"
+  SUDO=""; if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx-light >/dev/null || \
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx >/dev/null
+fi
+export FLYWHEEL_REQUIRE_NGINX=1
+
 guests=(-p flywheel-guest -p complete -p json -p stream -p openai -p hostile)
 cargo fmt --all --check
 cargo clippy --release --all-targets -- -D warnings

@@ -24,8 +24,8 @@ impl StepObserver for MaxBatch {
 /// window spans every sequence's cells with a unified KV cache), so logits differ in the
 /// low bits: up to ~0.02 on the tiny model, whose logits span about 13. A masking or
 /// position bug would shift them by whole units. So both runs are fed the same tokens,
-/// every row must agree within 0.05, and the greedy pick must agree wherever the solo
-/// run's top two are further apart than that.
+/// every row must agree within 0.5% of its spread (~0.065), and the greedy pick must agree
+/// wherever the solo run's top two are further apart than that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_decoding_matches_solo_as_sequences_come_and_go() {
     let observer = Arc::new(MaxBatch::default());
@@ -62,7 +62,7 @@ async fn batched_decoding_matches_solo_as_sequences_come_and_go() {
     }
     for (i, t) in tasks.into_iter().enumerate() {
         let batched = t.await.unwrap();
-        assert_rows_close(&solo[i].0, &batched, 0.05, &format!("sequence {i}"));
+        assert_rows_close(&solo[i].0, &batched, 0.005, &format!("sequence {i}"));
     }
     assert!(observer.0.load(Ordering::Relaxed) >= 4, "sequences never shared a batch");
     let stats = model.stats();
@@ -81,12 +81,16 @@ async fn greedy_rows(seq: &mut flywheel::engine::Sequence, prompt: &[i32], n: us
     (rows, toks)
 }
 
-fn assert_rows_close(solo: &[Vec<f32>], batched: &[Vec<f32>], tolerance: f32, what: &str) {
+/// `relative` is the largest allowed difference as a fraction of the solo row's spread
+/// (max - min logit).
+fn assert_rows_close(solo: &[Vec<f32>], batched: &[Vec<f32>], relative: f32, what: &str) {
     assert_eq!(solo.len(), batched.len());
     for (pos, (a, b)) in solo.iter().zip(batched).enumerate() {
         let max_diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let spread = a.iter().copied().fold(f32::MIN, f32::max) - a.iter().copied().fold(f32::MAX, f32::min);
+        let tolerance = relative * spread;
         if std::env::var_os("FLYWHEEL_TEST_VERBOSE").is_some() {
-            eprintln!("{what}, row {pos}: max logit difference {max_diff}");
+            eprintln!("{what}, row {pos}: max logit difference {max_diff} (spread {spread})");
         }
         assert!(max_diff < tolerance, "{what}, row {pos}: logits differ by {max_diff}");
         let (ids, top) = flywheel::engine::topk::top_k(a, 2, None);
@@ -403,8 +407,10 @@ async fn default_model_batched_logits_match_solo_within_tolerance() {
         })
         .collect();
     for (i, t) in tasks.into_iter().enumerate() {
-        // Q4_1 weights and larger logits (range ~40): measured differences stay well under 1.0.
-        assert_rows_close(&solo[i].0, &t.await.unwrap(), 1.0, &format!("sequence {i}"));
+        // Quantized matmuls take batch-dependent paths: measured differences reach ~1.0 on
+        // rows spanning ~30-40, i.e. up to ~3.5%; a masking or position bug moves logits by a
+        // sizeable part of the spread.
+        assert_rows_close(&solo[i].0, &t.await.unwrap(), 0.1, &format!("sequence {i}"));
     }
 }
 
@@ -484,4 +490,28 @@ async fn both_real_models_load_and_decode_together() {
     assert_eq!(gemma.info().vocab_size, 262_144);
     let chat = gemma.apply_chat_template(&[("user".into(), "hi".into())], true).unwrap();
     assert!(chat.contains("<start_of_turn>user"), "{chat}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefix_cache_stays_within_its_budget_and_skips_short_sequences() {
+    let mut m = tiny_manifest("tiny-budget");
+    m.prefix_cache_mb = 1;
+    m.prefix_cache_min_tokens = 32;
+    let model = load(m);
+    // Short sequences are not worth keeping.
+    for i in 0..20 {
+        let mut seq = model.open().await.unwrap();
+        greedy(&mut seq, &prompt(&model, i, 10), 8).await;
+    }
+    let _probe = model.open().await.unwrap();
+    assert_eq!(model.stats().cached_prefixes.load(Ordering::Relaxed), 0);
+    drop(_probe);
+    // Long distinct ones fill the cache up to its budget, and no further.
+    for i in 0..200 {
+        let mut seq = model.open().await.unwrap();
+        greedy(&mut seq, &prompt(&model, 1000 + i, 60), 8).await;
+    }
+    let _probe = model.open().await.unwrap();
+    let bytes = model.stats().cached_bytes.load(Ordering::Relaxed);
+    assert!(bytes > 0 && bytes <= 1 << 20, "{bytes} bytes cached");
 }

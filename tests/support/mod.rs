@@ -1,6 +1,7 @@
 //! Shared test support: a generated tiny model, manifests and small helpers.
 #![allow(dead_code)]
 
+pub mod node;
 pub mod server;
 pub mod tiny_gguf;
 
@@ -36,6 +37,8 @@ pub fn tiny_manifest(name: &str) -> ModelManifest {
     m.max_sequences = 8;
     m.batch_size = 256;
     m.queue_timeout_ms = 5_000;
+    // Test prompts are short; cache them anyway.
+    m.prefix_cache_min_tokens = 16;
     m
 }
 

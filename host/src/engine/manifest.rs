@@ -52,6 +52,10 @@ pub struct ModelManifest {
     /// starts with the same tokens (multi-turn chat). 0 disables it.
     #[serde(default = "defaults::prefix_cache_mb")]
     pub prefix_cache_mb: usize,
+    /// Shortest closed sequence worth caching; shorter ones are cheaper to recompute than
+    /// to keep.
+    #[serde(default = "defaults::prefix_cache_min_tokens")]
+    pub prefix_cache_min_tokens: usize,
     /// Shortest common prefix worth sharing between sequences.
     #[serde(default = "defaults::min_shared_prefix")]
     pub min_shared_prefix: usize,
@@ -81,6 +85,9 @@ mod defaults {
     }
     pub fn prefix_cache_mb() -> usize {
         256
+    }
+    pub fn prefix_cache_min_tokens() -> usize {
+        64
     }
     pub fn min_shared_prefix() -> usize {
         8
@@ -120,6 +127,7 @@ impl ModelManifest {
             max_queue: None,
             queue_timeout_ms: defaults::queue_timeout_ms(),
             prefix_cache_mb: defaults::prefix_cache_mb(),
+            prefix_cache_min_tokens: defaults::prefix_cache_min_tokens(),
             min_shared_prefix: defaults::min_shared_prefix(),
             max_batch_wait_us: defaults::max_batch_wait_us(),
             source: None,

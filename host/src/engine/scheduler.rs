@@ -124,6 +124,7 @@ pub(crate) struct Scheduler<'m> {
     context_length: usize,
     cache: Vec<CachedPrefix>,
     cache_budget: usize,
+    cache_min_tokens: usize,
     min_shared_prefix: usize,
     max_batch_wait: Duration,
     slots: Vec<Slot>,
@@ -156,6 +157,7 @@ impl<'m> Scheduler<'m> {
             context_length: m.context_length,
             cache: Vec::new(),
             cache_budget: m.prefix_cache_mb.saturating_mul(1 << 20),
+            cache_min_tokens: m.prefix_cache_min_tokens.max(m.min_shared_prefix).max(1),
             min_shared_prefix: m.min_shared_prefix.max(1),
             max_batch_wait: Duration::from_micros(m.max_batch_wait_us),
             slots: (0..slots).map(|_| Slot::Free).collect(),
@@ -263,7 +265,7 @@ impl<'m> Scheduler<'m> {
         let Slot::Live(live) = std::mem::replace(slot, Slot::Free) else { return };
         self.queue.retain(|&s| s != seq);
         self.stats.kv_tokens.fetch_sub(live.history.len(), Ordering::Relaxed);
-        if self.cache_budget > 0 && live.history.len() >= self.min_shared_prefix {
+        if self.cache_budget > 0 && live.history.len() >= self.cache_min_tokens {
             self.cache_state(seq, live.history);
         }
         self.remove_cells(seq);

@@ -99,6 +99,11 @@ impl Handler for Hostile {
                 res.json(200, &json!({ "ok": true }))
             }
             "nn-misuse" => res.json(200, &nn_misuse(query_param(&req, "other").unwrap_or("other"))),
+            "fuzz" => {
+                let seed = query_param(&req, "seed").and_then(|v| v.parse().ok()).unwrap_or(1);
+                let iters = query_param(&req, "iters").and_then(|v| v.parse().ok()).unwrap_or(500);
+                res.json(200, &fuzz::run(seed, iters))
+            }
             other => Err(HttpError::not_found(format!("no behaviour {other:?}"))),
         }
     }
@@ -192,3 +197,194 @@ fn nn_misuse(disallowed: &str) -> serde_json::Value {
 }
 
 export_plugin!(Hostile);
+
+/// Random calls across the wasi-nn and flywheel:llm boundary. Every call must come back
+/// with a value or an error, never a trap.
+mod fuzz {
+    use std::collections::BTreeMap;
+
+    use flywheel_guest::bindings::flywheel::llm::model as llm;
+    use flywheel_guest::bindings::wasi::nn::graph::{load_by_name, Graph};
+    use flywheel_guest::bindings::wasi::nn::inference::GraphExecutionContext;
+    use flywheel_guest::bindings::wasi::nn::tensor::{Tensor, TensorType};
+    use serde_json::json;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len() as u64) as usize]
+        }
+    }
+
+    const TYPES: [TensorType; 7] = [
+        TensorType::Fp16,
+        TensorType::Fp32,
+        TensorType::Fp64,
+        TensorType::Bf16,
+        TensorType::U8,
+        TensorType::I32,
+        TensorType::I64,
+    ];
+
+    fn int(rng: &mut Rng, vocab: i64) -> i32 {
+        match rng.below(6) {
+            0 => -(rng.below(1000) as i32) - 1,
+            1 => i32::MAX - rng.below(3) as i32,
+            2 => vocab as i32 + rng.below(10) as i32,
+            _ => rng.below(vocab.max(1) as u64) as i32,
+        }
+    }
+
+    fn tensor(rng: &mut Rng, vocab: i64) -> Tensor {
+        let ty = *rng.pick(&TYPES);
+        let rank = rng.below(4) as usize;
+        let dims: Vec<u32> = (0..rank)
+            .map(|_| match rng.below(5) {
+                0 => 0,
+                1 => 1,
+                2 => rng.below(300) as u32,
+                3 => u32::MAX - rng.below(2) as u32,
+                _ => rng.below(8) as u32,
+            })
+            .collect();
+        let count: u64 = dims.iter().map(|&d| u64::from(d)).product();
+        let matching = rng.below(3) != 0 && count <= 4096;
+        let len = if matching { (count * 4) as usize } else { rng.below(2048) as usize };
+        let mut data = Vec::with_capacity(len);
+        while data.len() + 4 <= len {
+            data.extend_from_slice(&int(rng, vocab).to_le_bytes());
+        }
+        data.resize(len, rng.below(256) as u8);
+        Tensor::new(&dims, ty, &data)
+    }
+
+    fn ids_tensor(ids: &[i32]) -> Tensor {
+        let data: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Tensor::new(&[ids.len() as u32], TensorType::I32, &data)
+    }
+
+    /// Well-formed inputs, so the valid paths (top-k, allowed ids, full logits) get exercised.
+    fn valid_inputs(rng: &mut Rng, vocab: i64) -> Vec<(String, Tensor)> {
+        let ids: Vec<i32> = (0..1 + rng.below(6)).map(|_| rng.below(vocab as u64) as i32).collect();
+        let mut inputs = vec![("input_ids".to_string(), ids_tensor(&ids))];
+        if rng.below(4) != 0 {
+            inputs.push(("top_k".into(), ids_tensor(&[1 + rng.below(100) as i32])));
+            if rng.below(2) == 0 {
+                let allowed: Vec<i32> = (0..1 + rng.below(50)).map(|_| rng.below(vocab as u64) as i32).collect();
+                inputs.push(("allowed_ids".into(), ids_tensor(&allowed)));
+            }
+        }
+        inputs
+    }
+
+    fn name(rng: &mut Rng) -> String {
+        match rng.below(8) {
+            0..=3 => "input_ids".into(),
+            4 => "top_k".into(),
+            5 => "allowed_ids".into(),
+            6 => String::new(),
+            _ => (0..rng.below(12)).map(|_| (b'a' + rng.below(26) as u8) as char).collect(),
+        }
+    }
+
+    fn text(rng: &mut Rng) -> String {
+        let bytes: Vec<u8> = (0..rng.below(64)).map(|_| rng.below(256) as u8).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    pub fn run(seed: u64, iters: usize) -> serde_json::Value {
+        let mut rng = Rng(seed);
+        let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+        let mut note = |k: String| *outcomes.entry(k).or_default() += 1;
+        let models = llm::list_models();
+        let model = models.first().cloned().unwrap_or_default();
+        let vocab = llm::info(&model).map(|i| i64::from(i.vocab_size)).unwrap_or(1);
+        let mut graphs: Vec<Graph> = Vec::new();
+        let mut contexts: Vec<GraphExecutionContext> = Vec::new();
+        for _ in 0..iters {
+            match rng.below(10) {
+                0 => {
+                    let n = if rng.below(2) == 0 { model.clone() } else { text(&mut rng) };
+                    match load_by_name(&n) {
+                        Ok(g) => {
+                            graphs.push(g);
+                            note("load:ok".into());
+                        }
+                        Err(e) => note(format!("load:{:?}", e.code())),
+                    }
+                }
+                1 => {
+                    if let Some(g) = graphs.first() {
+                        match g.init_execution_context() {
+                            Ok(c) => {
+                                contexts.push(c);
+                                note("open:ok".into());
+                            }
+                            Err(e) => note(format!("open:{:?}", e.code())),
+                        }
+                    }
+                }
+                2 => {
+                    if !contexts.is_empty() {
+                        let i = rng.below(contexts.len() as u64) as usize;
+                        drop(contexts.swap_remove(i));
+                        note("close".into());
+                    }
+                }
+                3 => {
+                    let ids: Vec<i32> = (0..rng.below(40)).map(|_| int(&mut rng, vocab)).collect();
+                    let r = match rng.below(4) {
+                        0 => llm::tokenize(&model, &text(&mut rng), rng.below(2) == 0, rng.below(2) == 0).map(|_| ()),
+                        1 => llm::detokenize(&model, &ids, rng.below(2) == 0).map(|_| ()),
+                        2 => llm::token_bytes(&model, &ids, rng.below(2) == 0).map(|_| ()),
+                        _ => {
+                            let roles = ["user", "assistant", "system", "", "tool"];
+                            let msgs: Vec<llm::ChatMessage> = (0..rng.below(4))
+                                .map(|_| llm::ChatMessage {
+                                    role: rng.pick(&roles).to_string(),
+                                    content: text(&mut rng),
+                                })
+                                .collect();
+                            llm::apply_chat_template(&model, &msgs, rng.below(2) == 0).map(|_| ())
+                        }
+                    };
+                    note(match r {
+                        Ok(()) => "llm:ok".into(),
+                        Err(e) => format!("llm:{:?}", e.code),
+                    });
+                }
+                _ => {
+                    if contexts.is_empty() {
+                        continue;
+                    }
+                    let i = rng.below(contexts.len() as u64) as usize;
+                    let inputs: Vec<(String, Tensor)> = if rng.below(3) == 0 {
+                        valid_inputs(&mut rng, vocab)
+                    } else {
+                        (0..rng.below(4)).map(|_| (name(&mut rng), tensor(&mut rng, vocab))).collect()
+                    };
+                    match contexts[i].compute(inputs) {
+                        Ok(outputs) => {
+                            for (_, t) in &outputs {
+                                let _ = (t.dimensions(), t.ty(), t.data().len());
+                            }
+                            note("compute:ok".into());
+                        }
+                        Err(e) => note(format!("compute:{:?}", e.code())),
+                    }
+                }
+            }
+        }
+        json!({ "iterations": iters, "outcomes": outcomes })
+    }
+}

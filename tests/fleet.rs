@@ -1,0 +1,225 @@
+//! Several nodes behind a real nginx, a node killed mid-run; and the soak.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use support::node::{free_port, nginx_binary, spawn_nginx, spawn_node, Node};
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// 200 and a stream that ended with `[DONE]`.
+    Completed,
+    /// A JSON error with a status.
+    Refused(u16),
+    /// The connection broke (the node died under the stream).
+    Broken(String),
+}
+
+async fn stream_once(client: &HttpClient, url: &str, max_tokens: usize) -> Outcome {
+    let body = format!(
+        r#"{{"model": "tiny", "prompt": "once upon a time", "max_tokens": {max_tokens}, "ignore_eos": true, "stream": true}}"#
+    );
+    let req = http::Request::post(format!("{url}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let resp = match client.request(req).await {
+        Ok(r) => r,
+        Err(e) => return Outcome::Broken(e.to_string()),
+    };
+    let status = resp.status().as_u16();
+    let bytes = match resp.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return Outcome::Broken(e.to_string()),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    if status != 200 {
+        // A refusal must be a JSON error, never an empty or garbled body.
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("status {status} without a JSON body ({e}): {text}"));
+        assert!(v["error"]["message"].is_string(), "{text}");
+        return Outcome::Refused(status);
+    }
+    if text.trim_end().ends_with("data: [DONE]") {
+        Outcome::Completed
+    } else {
+        Outcome::Broken(format!("stream ended early after {} bytes", text.len()))
+    }
+}
+
+async fn assert_idle(node: &Node) {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = node.models().await;
+        let model = &m["models"][0];
+        if model["active_sequences"] == 0 && model["kv_tokens"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < until, "node on port {} still holds sequences: {m}", node.port);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_balances_two_nodes_and_survives_one_dying() {
+    let Some(nginx) = nginx_binary() else {
+        assert!(std::env::var_os("FLYWHEEL_REQUIRE_NGINX").is_none(), "nginx is required but not installed");
+        eprintln!("skipped: nginx is not installed (scripts/test.sh installs it)");
+        return;
+    };
+    let a = spawn_node("a", 16, "");
+    let mut b = spawn_node("b", 16, "");
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let port = free_port();
+    let mut proxy = spawn_nginx(&nginx, port, &[a.port, b.port]);
+    let url = format!("http://127.0.0.1:{port}");
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !matches!(stream_once(&client, &url, 2).await, Outcome::Completed) {
+        assert!(Instant::now() < until, "nginx never came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 200 streaming requests from 16 clients; node b dies after 60 have finished.
+    let total = 200;
+    let next = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let killed_at = Arc::new(std::sync::Mutex::new(None::<usize>));
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let (client, url, next, finished) = (client.clone(), url.clone(), next.clone(), finished.clone());
+        workers.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return results;
+                }
+                let outcome = tokio::time::timeout(Duration::from_secs(60), stream_once(&client, &url, 48))
+                    .await
+                    .unwrap_or_else(|_| panic!("request {i} hung"));
+                finished.fetch_add(1, Ordering::Relaxed);
+                results.push((i, outcome));
+            }
+        }));
+    }
+    while finished.load(Ordering::Relaxed) < 60 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    *killed_at.lock().unwrap() = Some(next.load(Ordering::Relaxed));
+    b.kill();
+    let mut outcomes = Vec::new();
+    for w in workers {
+        outcomes.extend(w.await.unwrap());
+    }
+    let started_before_kill = killed_at.lock().unwrap().unwrap();
+    assert_eq!(outcomes.len(), total);
+    let completed = outcomes.iter().filter(|(_, o)| *o == Outcome::Completed).count();
+    let failed: Vec<_> = outcomes.iter().filter(|(_, o)| *o != Outcome::Completed).collect();
+    // Only streams already running on b when it died may fail, and they fail cleanly.
+    assert!(failed.len() <= 16, "{} requests failed: {failed:?}", failed.len());
+    for (i, o) in &failed {
+        assert!(*i < started_before_kill + 16, "request {i}, started well after the kill, failed: {o:?}");
+    }
+    eprintln!("fleet: {completed} completed, {} failed when node b died: {failed:?}", failed.len());
+    // Everything after the kill goes to a: the balancer took b out.
+    for _ in 0..5 {
+        assert_eq!(stream_once(&client, &url, 4).await, Outcome::Completed);
+    }
+    assert_idle(&a).await;
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
+
+/// The soak: `n` streaming requests at concurrency 64 through the openai plugin on the tiny
+/// model. Reports resident memory at request 2,000 (or a fifth of `n`) and at the end.
+async fn soak(n: usize) -> (Vec<Outcome>, u64, u64, Node) {
+    let node = spawn_node(&format!("soak-{n}"), 64, "");
+    node.wait_ready().await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(128).build_http();
+    let url = node.url();
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..64 {
+        let (client, url, next, done) = (client.clone(), url.clone(), next.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                outcomes.push(stream_once(&client, &url, 8).await);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            outcomes
+        }));
+    }
+    let checkpoint = checkpoint(n);
+    while done.load(Ordering::Relaxed) < checkpoint {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rss_early = node.rss_kib();
+    if std::env::var_os("FLYWHEEL_SOAK_TRACE").is_some() {
+        let mut mark = checkpoint;
+        while mark < n {
+            mark += n / 20;
+            while done.load(Ordering::Relaxed) < mark.min(n) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            println!("soak: {} requests, RSS {} KiB", done.load(Ordering::Relaxed), node.rss_kib());
+        }
+    }
+    let mut outcomes = Vec::new();
+    for w in workers {
+        outcomes.extend(w.await.unwrap());
+    }
+    let rss_late = node.rss_kib();
+    (outcomes, rss_early, rss_late, node)
+}
+
+/// Where the memory baseline is taken: request 2,000, or a third of a shorter soak (after
+/// the warm-up that fills pools and caches).
+fn checkpoint(n: usize) -> usize {
+    (n / 3).min(2000)
+}
+
+async fn check_soak(n: usize) {
+    let started = Instant::now();
+    let (outcomes, early, late, node) = soak(n).await;
+    let errors: Vec<_> = outcomes.iter().filter(|o| **o != Outcome::Completed).collect();
+    let growth = (late as f64 - early as f64) / early as f64 * 100.0;
+    println!(
+        "soak: {} requests at concurrency 64 in {:.1} s, {} errors, RSS {} KiB at request {} -> {} KiB at the end ({growth:+.2}%)",
+        outcomes.len(),
+        started.elapsed().as_secs_f64(),
+        errors.len(),
+        early,
+        checkpoint(n),
+        late
+    );
+    assert_eq!(outcomes.len(), n);
+    assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(5)]);
+    assert!(growth < 5.0, "resident memory grew {growth:.2}%");
+    assert_idle(&node).await;
+}
+
+/// A short soak in every test run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_3000_requests() {
+    check_soak(3000).await;
+}
+
+/// The full soak: `cargo test --release --test fleet -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: run explicitly"]
+async fn soak_10000_requests() {
+    check_soak(std::env::var("FLYWHEEL_SOAK_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)).await;
+}
