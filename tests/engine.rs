@@ -515,3 +515,41 @@ async fn the_prefix_cache_stays_within_its_budget_and_skips_short_sequences() {
     let bytes = model.stats().cached_bytes.load(Ordering::Relaxed);
     assert!(bytes > 0 && bytes <= 1 << 20, "{bytes} bytes cached");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_batch_wait_and_cancelled_opens_leave_the_engine_usable() {
+    let mut m = tiny_manifest("tiny-nowait");
+    m.max_batch_wait_us = 0;
+    m.max_sequences = 2;
+    let model = load(m);
+    // Concurrent sequences with no straggler wait at all.
+    let tasks: Vec<_> = (0..2)
+        .map(|i| {
+            let model = model.clone();
+            tokio::spawn(async move {
+                let mut seq = model.open().await.unwrap();
+                greedy(&mut seq, &prompt(&model, i, 10), 12).await.len()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 12);
+    }
+    // Opens abandoned at every stage must not leak their sequence slots.
+    for i in 0..200 {
+        let model = model.clone();
+        let t = tokio::spawn(async move { model.open().await.map(|_| ()) });
+        for _ in 0..(i % 4) {
+            tokio::task::yield_now().await;
+        }
+        t.abort();
+        let _ = t.await;
+    }
+    let both = tokio::time::timeout(Duration::from_secs(2), async {
+        let a = model.open().await.unwrap();
+        let b = model.open().await.unwrap();
+        (a, b)
+    })
+    .await;
+    assert!(both.is_ok(), "sequence slots leaked by cancelled opens");
+}

@@ -169,6 +169,46 @@ async fn a_client_that_disconnects_mid_stream_frees_its_sequence_within_a_step()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_response_starts_stops_its_guest() {
+    let s = openai_server(|_| {}).await;
+    let c = s.client();
+    // Holds a sequence and never answers (its deadline here is 20 s).
+    let slow = tokio::spawn(async move { c.post("/fn/hostile/loop-holding-context", "").await });
+    let until = Instant::now() + Duration::from_secs(5);
+    while s.active_sequences() == 0 {
+        assert!(Instant::now() < until, "the request never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    slow.abort();
+    assert!(s.wait_idle(Duration::from_millis(500)).await, "the guest kept its sequence after the client left");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_leave_the_queue_free_their_place() {
+    let s = start(vec![tiny_manifest("tiny")], &[plugin("hostile", "hostile", None)], |c| {
+        c.server.max_in_flight = 1;
+        c.server.max_queue = 1;
+        c.server.queue_timeout_ms = 5_000;
+    })
+    .await;
+    let c = s.client();
+    let busy = tokio::spawn(async move { c.post("/fn/hostile/sleep?ms=700", "").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Queue, then leave.
+    let c = s.client();
+    let leaving = tokio::spawn(async move { c.post("/fn/hostile/ok", "").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leaving.abort();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The place it held is free again: this request queues instead of getting 503.
+    let queued = s.post("/fn/hostile/ok", "").await;
+    assert_eq!(queued.status, 200, "{}", queued.text());
+    assert_eq!(busy.await.unwrap().status, 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_metrics_and_request_ids() {
     let s = openai_server(|_| {}).await;
     let h = s.get("/healthz").await;

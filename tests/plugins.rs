@@ -163,6 +163,16 @@ async fn memory_bomb_traps_at_its_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensors_held_in_host_memory_count_against_the_limit() {
+    let s = examples_server().await;
+    let r = s.post("/fn/hostile/tensor-hoard", "").await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(s.metrics.encode().contains(r#"flywheel_guest_traps_total{plugin="hostile",kind="other"} 1"#));
+    assert_eq!(s.post("/fn/hostile/ok", "").await.status, 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_sockets_and_outgoing_http_are_denied() {
     let s = examples_server().await;
     // A real listener, so only the sandbox can stop the connection.

@@ -45,6 +45,8 @@ impl GenerateOptions {
         self
     }
 
+    /// Constrain the output. Stop sequences are then ignored: cutting constrained output
+    /// short would break what the constraint guarantees.
     pub fn constraint(mut self, c: impl Constraint + 'static) -> Self {
         self.constraint = Some(Box::new(c));
         self
@@ -80,7 +82,10 @@ impl<'m> Generation<'m> {
     ) -> Result<Self, Error> {
         let context = model.info().context_length as usize;
         if prompt.is_empty() {
-            return Err(Error::Protocol("the prompt is empty".into()));
+            return Err(Error::Nn {
+                code: crate::bindings::wasi::nn::errors::ErrorCode::InvalidArgument,
+                message: "the prompt is empty".into(),
+            });
         }
         if prompt.len() >= context {
             return Err(Error::Nn {
@@ -219,31 +224,45 @@ impl<'m> Generation<'m> {
         }
     }
 
-    /// Move whole characters from `partial` to `held` (everything, lossily, at the end).
+    /// Move whole characters from `partial` to `held`; invalid bytes become U+FFFD, an
+    /// unfinished character at the end waits for the next token (or, at the end, is replaced).
     fn decode_partial(&mut self, ended: bool) {
-        let valid = match std::str::from_utf8(&self.partial) {
-            Ok(s) => s.len(),
-            Err(e) if e.error_len().is_some() => {
-                // Invalid bytes (not merely incomplete): replace them and move on.
-                let text = String::from_utf8_lossy(&self.partial).into_owned();
-                self.held.push_str(&text);
-                self.partial.clear();
-                return;
+        loop {
+            match std::str::from_utf8(&self.partial) {
+                Ok(s) => {
+                    self.held.push_str(s);
+                    self.partial.clear();
+                    return;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    if let Ok(s) = std::str::from_utf8(&self.partial[..valid]) {
+                        self.held.push_str(s);
+                    }
+                    match e.error_len() {
+                        Some(bad) => {
+                            self.held.push(char::REPLACEMENT_CHARACTER);
+                            self.partial.drain(..valid + bad);
+                        }
+                        None => {
+                            self.partial.drain(..valid);
+                            if ended && !self.partial.is_empty() {
+                                self.held.push(char::REPLACEMENT_CHARACTER);
+                                self.partial.clear();
+                            }
+                            return;
+                        }
+                    }
+                }
             }
-            Err(e) => e.valid_up_to(),
-        };
-        if let Ok(s) = std::str::from_utf8(&self.partial[..valid]) {
-            self.held.push_str(s);
-        }
-        self.partial.drain(..valid);
-        if ended && !self.partial.is_empty() {
-            self.held.push_str(&String::from_utf8_lossy(&self.partial));
-            self.partial.clear();
         }
     }
 
     /// Text from `held` that cannot be the start of a stop sequence.
     fn take_safe_text(&mut self, ended: bool) -> Option<String> {
+        if self.options.constraint.is_some() {
+            return (!self.held.is_empty()).then(|| std::mem::take(&mut self.held));
+        }
         if let Some((at, _)) =
             self.options.stop.iter().filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s))).min_by_key(|(i, _)| *i)
         {

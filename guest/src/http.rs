@@ -140,8 +140,14 @@ impl Responder {
 
     /// Answer with a complete body.
     pub fn send(self, status: u16, content_type: &str, body: &[u8]) -> Result<(), HttpError> {
+        self.send_with(status, &[("content-type", content_type)], body)
+    }
+
+    fn send_with(self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HttpError> {
         let len = body.len().to_string();
-        let outgoing = self.start(status, &[("content-type", content_type), ("content-length", &len)])?;
+        let mut all = headers.to_vec();
+        all.push(("content-length", &len));
+        let outgoing = self.start(status, &all)?;
         {
             let stream = outgoing.write().map_err(|()| HttpError::new(500, "server_error", "no body stream"))?;
             write_all(&stream, body).map_err(|_| HttpError::new(499, "client_closed", "the client went away"))?;
@@ -160,8 +166,13 @@ impl Responder {
         let body = serde_json::json!({
             "error": { "message": e.message, "type": e.kind, "param": e.param, "code": e.status }
         });
+        let mut headers = vec![("content-type", "application/json")];
+        if e.status == 429 || e.status == 503 {
+            // Busy, not broken: tell clients when to come back.
+            headers.push(("retry-after", "1"));
+        }
         // Nothing more can be done if even the error cannot be sent.
-        let _ = self.json(e.status, &body);
+        let _ = self.send_with(e.status, &headers, body.to_string().as_bytes());
     }
 
     /// Start a `text/event-stream` response.

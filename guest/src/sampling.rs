@@ -1,7 +1,8 @@
 //! Composable sampling over the candidates a feed returns.
 //!
-//! Order, as in llama.cpp: logit bias, penalties, then greedy (temperature 0) or
-//! top-k, temperature, top-p, min-p and a draw from the seeded RNG.
+//! Order: logit bias, penalties, then greedy (temperature 0) or top-k, softmax at the
+//! temperature, top-p and min-p on those probabilities (OpenAI's semantics: top-p applies
+//! to the tempered distribution), and a draw from the seeded RNG.
 
 use crate::model::{Candidates, Want};
 

@@ -97,7 +97,7 @@ impl Metrics {
             Family::<PluginLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
             "flywheel_time_to_first_token_seconds",
-            "Time from request to the first generated token (the first logits row a guest receives)",
+            "Time from the start of a plugin instance to the first logits row it receives (its first token)",
             time_to_first_token.clone(),
         );
         let generated_tokens = Family::<ModelLabel, Counter>::default();
@@ -236,23 +236,5 @@ impl NnObserver for Metrics {
         self.time_to_first_token
             .get_or_create(&PluginLabel { plugin: plugin.to_string() })
             .observe(since_start.as_secs_f64());
-    }
-}
-
-/// Lets the engine report to metrics that are created after it (the engine loads first).
-#[derive(Default)]
-pub struct LateStepObserver(OnceLock<Arc<dyn StepObserver>>);
-
-impl LateStepObserver {
-    pub fn set(&self, observer: Arc<dyn StepObserver>) {
-        let _ = self.0.set(observer);
-    }
-}
-
-impl StepObserver for LateStepObserver {
-    fn on_step(&self, model: &str, step: &StepInfo) {
-        if let Some(o) = self.0.get() {
-            o.on_step(model, step);
-        }
     }
 }

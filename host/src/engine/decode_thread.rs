@@ -6,6 +6,7 @@
 //! machine fight over the same cores anyway. Measured on 2 cores: once a second model had
 //! decoded, SmolLM2 dropped from 83 to 56 tok/s with a thread per model.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,6 +30,7 @@ pub(crate) enum Message {
 pub(crate) struct Link {
     index: usize,
     tx: Sender<Message>,
+    alive: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -39,6 +41,11 @@ impl Link {
 
     pub(crate) fn run_exclusive(&self, work: Box<dyn FnOnce() + Send>) -> bool {
         self.tx.send(Message::Exclusive(work)).is_ok()
+    }
+
+    /// False once the decode thread has died (a panic in llama.cpp's binding, say).
+    pub(crate) fn alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
     }
 }
 
@@ -55,6 +62,8 @@ pub(crate) fn start(models: Vec<ModelSetup>, observer: Arc<dyn StepObserver>) ->
     let (tx, rx) = mpsc::channel();
     let (ready_tx, ready_rx) = mpsc::channel();
     let count = models.len();
+    let alive = Arc::new(AtomicBool::new(true));
+    let thread_alive = alive.clone();
     std::thread::Builder::new()
         .name("decode".into())
         .spawn(move || {
@@ -82,7 +91,12 @@ pub(crate) fn start(models: Vec<ModelSetup>, observer: Arc<dyn StepObserver>) ->
                 }
             }
             let _ = ready_tx.send(Ok(()));
-            run(&mut schedulers, &rx);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut schedulers, &rx)));
+            if outcome.is_err() {
+                // Health checks report it, so the process gets restarted.
+                thread_alive.store(false, Ordering::Relaxed);
+                tracing::error!("the decode thread panicked; no model can be served");
+            }
             tracing::debug!("decode thread stopped");
         })
         .map_err(|e| EngineError::ContextCreate {
@@ -90,7 +104,7 @@ pub(crate) fn start(models: Vec<ModelSetup>, observer: Arc<dyn StepObserver>) ->
             message: format!("cannot spawn the decode thread: {e}"),
         })?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok((0..count).map(|index| Link { index, tx: tx.clone() }).collect()),
+        Ok(Ok(())) => Ok((0..count).map(|index| Link { index, tx: tx.clone(), alive: alive.clone() }).collect()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(EngineError::ContextCreate { model: "*".into(), message: "the decode thread died".into() }),
     }

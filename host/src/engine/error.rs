@@ -29,6 +29,9 @@ pub enum EngineError {
     #[error("model {model} is busy: {waiting} requests already wait for a sequence (queue limit {limit})")]
     QueueFull { model: String, waiting: usize, limit: usize },
 
+    #[error("model {model} has no free sequence right now, and this caller already holds one")]
+    NoFreeSequence { model: String },
+
     #[error("model {model} is busy: no sequence became free within {waited:?}")]
     AdmissionTimeout { model: String, waited: Duration },
 
@@ -55,26 +58,4 @@ pub enum EngineError {
 
     #[error("the scheduler of model {0} has stopped")]
     SchedulerStopped(String),
-}
-
-impl EngineError {
-    /// True when the caller sent something wrong (as opposed to the engine being busy or broken).
-    pub fn is_client_error(&self) -> bool {
-        matches!(
-            self,
-            EngineError::UnknownModel(_)
-                | EngineError::ContextFull { .. }
-                | EngineError::InvalidToken { .. }
-                | EngineError::InvalidArgument(_)
-                | EngineError::SequenceBroken
-        )
-    }
-
-    /// True when retrying later may succeed.
-    pub fn is_busy(&self) -> bool {
-        matches!(
-            self,
-            EngineError::QueueFull { .. } | EngineError::AdmissionTimeout { .. } | EngineError::KvCacheFull { .. }
-        )
-    }
 }

@@ -1,7 +1,7 @@
 //! The inference engine: models, sequences and the continuous-batching scheduler.
 //!
-//! Knows nothing of WebAssembly or HTTP. Callers are async; each model's llama.cpp
-//! context lives on its own scheduler thread and is reached through a channel.
+//! Knows nothing of WebAssembly or HTTP. Callers are async; every model's llama.cpp
+//! context lives on one decode thread, reached through a channel.
 
 mod backend;
 mod decode_thread;
@@ -88,5 +88,10 @@ impl Engine {
 
     pub fn models(&self) -> impl Iterator<Item = &Arc<Model>> {
         self.models.values()
+    }
+
+    /// Whether the decode thread still runs (health checks use this).
+    pub fn is_alive(&self) -> bool {
+        self.models.values().all(|m| m.link().alive())
     }
 }

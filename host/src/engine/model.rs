@@ -157,6 +157,10 @@ impl Model {
         Ok(Prepared { manifest, info, vocab, stats })
     }
 
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
+    }
+
     /// Run `work` on the decode thread between batch steps and wait for it (blocking). The
     /// native baseline of `bench engine` uses this, so llama.cpp's thread team is the one the
     /// engine uses: a second team on another thread would throttle both.
@@ -192,6 +196,17 @@ impl Model {
         &self.stats
     }
 
+    /// Open a sequence only if one is free right now. A caller that already holds a
+    /// sequence uses this: waiting while holding one could deadlock with others doing the same.
+    pub async fn open_now(self: &Arc<Self>) -> Result<Sequence, EngineError> {
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::NoFreeSequence { model: self.name().to_string() })?;
+        self.start_sequence(permit).await
+    }
+
     /// Open a sequence, waiting (bounded) for a free slot.
     pub async fn open(self: &Arc<Self>) -> Result<Sequence, EngineError> {
         let permit = match self.admission.clone().try_acquire_owned() {
@@ -211,6 +226,13 @@ impl Model {
                 }
             }
         };
+        self.start_sequence(permit).await
+    }
+
+    async fn start_sequence(
+        self: &Arc<Self>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Sequence, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Open { reply })?;
         let seq_id = rx.await.map_err(|_| self.stopped())??;

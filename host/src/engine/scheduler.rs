@@ -1,4 +1,4 @@
-//! The batch scheduler: one thread per model owns the llama.cpp context.
+//! The batch scheduler of one model; the decode thread (`decode_thread.rs`) runs it.
 //!
 //! Callers talk to it over a channel. Each step packs every ready sequence's tokens into
 //! one llama.cpp batch (one decode token per generating sequence first, then prompt
@@ -75,6 +75,8 @@ struct Live {
     answered_at: Option<Instant>,
     /// The current feed has not yet looked for a reusable prefix.
     fresh: bool,
+    /// History length when the current feed was accepted: a failed feed rolls back to it.
+    feed_start: usize,
 }
 
 enum Slot {
@@ -179,7 +181,8 @@ impl<'m> Scheduler<'m> {
     /// token, so they decode in the next step instead of forming a second, smaller batch.
     /// Bounded by half the last step time (and the manifest's maximum).
     pub(crate) fn wait_deadline(&self) -> Instant {
-        let budget = (self.last_step_time / 2).clamp(Duration::from_micros(50), self.max_batch_wait);
+        let floor = Duration::from_micros(50).min(self.max_batch_wait);
+        let budget = (self.last_step_time / 2).clamp(floor, self.max_batch_wait);
         self.last_step_end + budget
     }
 
@@ -195,7 +198,10 @@ impl<'m> Scheduler<'m> {
         match cmd {
             Command::Open { reply } => {
                 let r = self.open();
-                let _ = reply.send(r);
+                // The caller gave up (its future was dropped): nobody will close this slot.
+                if let Err(Ok(seq)) = reply.send(r) {
+                    self.slots[seq as usize] = Slot::Free;
+                }
             }
             Command::Feed { seq, tokens, want, reply } => {
                 if let Err(e) = self.accept_feed(seq, tokens, want, reply) {
@@ -207,14 +213,21 @@ impl<'m> Scheduler<'m> {
     }
 
     fn open(&mut self) -> Result<i32, EngineError> {
-        // Admission control keeps open sequences within the slots, so one is always free.
+        // Admission control keeps open sequences within the slots (and an open whose caller
+        // is gone frees its slot at once), so one is free.
         let free = self
             .slots
             .iter()
             .position(|s| matches!(s, Slot::Free))
             .ok_or_else(|| EngineError::KvCacheFull { model: self.name.clone() })?;
-        self.slots[free] =
-            Slot::Live(Live { history: Vec::new(), pending: Vec::new(), feed: None, answered_at: None, fresh: true });
+        self.slots[free] = Slot::Live(Live {
+            history: Vec::new(),
+            pending: Vec::new(),
+            feed: None,
+            answered_at: None,
+            fresh: true,
+            feed_start: 0,
+        });
         Ok(free as i32)
     }
 
@@ -254,6 +267,7 @@ impl<'m> Scheduler<'m> {
             return Err(EngineError::InvalidArgument(msg));
         }
         live.fresh = live.history.is_empty();
+        live.feed_start = live.history.len();
         live.pending = tokens;
         live.feed = Some(Feed { want, reply });
         self.queue.push_back(seq);
@@ -274,7 +288,10 @@ impl<'m> Scheduler<'m> {
     /// Copy a closing sequence's KV state to the host-memory cache, unless a cached entry
     /// already covers it.
     fn cache_state(&mut self, seq: i32, tokens: Vec<i32>) {
-        if self.cache.iter().any(|c| c.tokens.len() >= tokens.len() && c.tokens.starts_with(&tokens)) {
+        if let Some(c) = self.cache.iter_mut().find(|c| c.tokens.len() >= tokens.len() && c.tokens.starts_with(&tokens))
+        {
+            self.clock += 1;
+            c.last_used = self.clock;
             return;
         }
         let state = match self.ctx.state_seq_get(seq, LlamaStateSeqFlags::empty()) {
@@ -569,13 +586,25 @@ impl<'m> Scheduler<'m> {
         self.queue.retain(|&s| matches!(self.slots.get(s as usize), Some(Slot::Live(l)) if l.feed.is_some()));
     }
 
-    /// Answer a sequence's feed with an error; its computed history stays valid.
+    /// Answer a sequence's feed with an error and roll the sequence back to where the feed
+    /// started (reused prefixes and computed chunks included), so a retry starts clean.
     fn fail(&mut self, seq: i32, err: EngineError) {
+        let mut dropped = 0;
+        let mut keep = None;
         if let Some(live) = self.live(seq) {
             live.pending.clear();
+            if live.history.len() > live.feed_start {
+                dropped = live.history.len() - live.feed_start;
+                live.history.truncate(live.feed_start);
+                keep = Some(live.feed_start);
+            }
             if let Some(feed) = live.feed.take() {
                 let _ = feed.reply.send(Err(err));
             }
+        }
+        if let Some(keep) = keep {
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(keep as u32), None);
+            self.stats.kv_tokens.fetch_sub(dropped, Ordering::Relaxed);
         }
         self.queue.retain(|&s| s != seq);
     }

@@ -97,7 +97,7 @@ pub fn top_k(row: &[f32], k: usize, allowed: Option<&[i32]>) -> (Vec<i32>, Vec<f
     if k == 1 {
         return match argmax(row) {
             Some(i) => (vec![i as i32], vec![row[i]]),
-            None => (vec![0], vec![row[0]]),
+            None => (Vec::new(), Vec::new()),
         };
     }
     if k > 256 {
@@ -121,9 +121,12 @@ pub fn top_k(row: &[f32], k: usize, allowed: Option<&[i32]>) -> (Vec<i32>, Vec<f
 
 /// Large k: partial selection then a sort of the winners.
 fn top_k_by_selection(row: &[f32], k: usize) -> (Vec<i32>, Vec<f32>) {
-    let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
-    let mut idx: Vec<i32> = (0..row.len() as i32).collect();
-    let cmp = |a: &i32, b: &i32| key(row[*b as usize]).total_cmp(&key(row[*a as usize])).then(a.cmp(b));
+    // NaN never enters; -0.0 and +0.0 compare equal, as in the other paths.
+    let mut idx: Vec<i32> = (0..row.len() as i32).filter(|&i| !row[i as usize].is_nan()).collect();
+    let k = k.min(idx.len());
+    let cmp = |a: &i32, b: &i32| {
+        row[*b as usize].partial_cmp(&row[*a as usize]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b))
+    };
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);

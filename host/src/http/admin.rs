@@ -2,23 +2,15 @@
 
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use serde_json::json;
 
-use super::body::{full, ServerBody};
+use super::body::ServerBody;
 use super::errors::ApiError;
-use super::AppState;
-
-fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ServerBody> {
-    let mut resp = Response::new(full(Bytes::from(value.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    resp
-}
+use super::{json_response, AppState};
 
 pub async fn handle(state: &AppState, method: &Method, path: &str) -> Result<Response<ServerBody>, ApiError> {
-    let rest = path.trim_start_matches("/admin").trim_end_matches('/');
+    let rest = path.strip_prefix("/admin").unwrap_or(path).trim_end_matches('/');
     match (method, rest) {
         (&Method::GET, "/plugins") => Ok(json_response(StatusCode::OK, plugins(state))),
         (&Method::GET, "/models") => Ok(json_response(StatusCode::OK, models(state))),
@@ -27,7 +19,8 @@ pub async fn handle(state: &AppState, method: &Method, path: &str) -> Result<Res
             Ok(json_response(StatusCode::OK, json!(report)))
         }
         (&Method::POST, r) if r.starts_with("/plugins/") && r.ends_with("/reload") => {
-            let name = r.trim_start_matches("/plugins/").trim_end_matches("/reload");
+            // Reloading is atomic over the whole directory; report this plugin's outcome.
+            let name = r.strip_prefix("/plugins/").and_then(|r| r.strip_suffix("/reload")).unwrap_or("");
             let report = state.runtime.reload().await;
             if let Some(f) = report.failed.iter().find(|f| f.name == name) {
                 return Ok(json_response(

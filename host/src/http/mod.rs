@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -74,7 +74,9 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client gets 10 s to send its request headers (slow-header attacks hold nothing longer).
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -149,7 +151,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Server
     resp
 }
 
-fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ServerBody> {
+pub(crate) fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ServerBody> {
     let mut resp = Response::new(full(Bytes::from(value.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -165,7 +167,10 @@ async fn route(
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let result = match path.as_str() {
-        "/healthz" => Ok(json_response(StatusCode::OK, json!({ "status": "ok" }))),
+        "/healthz" if state.runtime.engine().is_alive() => Ok(json_response(StatusCode::OK, json!({ "status": "ok" }))),
+        "/healthz" => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the decode thread has stopped"))
+        }
         "/readyz" => Ok(readiness(state)),
         "/metrics" => {
             let mut resp = Response::new(full(state.metrics.encode()));
@@ -191,10 +196,13 @@ fn readiness(state: &AppState) -> Response<ServerBody> {
     let models: Vec<String> = state.runtime.engine().models().map(|m| m.name().to_string()).collect();
     let set = state.runtime.plugins();
     let plugins: Vec<&String> = set.plugins.keys().collect();
-    let ready = !state.draining() && !models.is_empty() && !plugins.is_empty();
+    let alive = state.runtime.engine().is_alive();
+    let ready = alive && !state.draining() && !models.is_empty() && !plugins.is_empty();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let reason = if state.draining() {
         Some("shutting down")
+    } else if !alive {
+        Some("the decode thread has stopped")
     } else if models.is_empty() {
         Some("no model loaded")
     } else if plugins.is_empty() {
@@ -214,6 +222,15 @@ fn readiness(state: &AppState) -> Response<ServerBody> {
     )
 }
 
+struct Dequeue<'a>(&'a AppState);
+
+impl Drop for Dequeue<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.queued_requests.dec();
+    }
+}
+
 /// A slot among `max_in_flight`, or a bounded wait for one.
 async fn acquire_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
     if let Ok(p) = state.slots.clone().try_acquire_owned() {
@@ -227,10 +244,10 @@ async fn acquire_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError
         return Err(busy("the server is at capacity and its queue is full; retry later"));
     }
     state.metrics.queued_requests.inc();
+    // Leaves the queue however the wait ends, the client going away included.
+    let _queued = Dequeue(state);
     let wait = Duration::from_millis(state.server.queue_timeout_ms);
     let permit = tokio::time::timeout(wait, state.slots.clone().acquire_owned()).await;
-    state.queued.fetch_sub(1, Ordering::Relaxed);
-    state.metrics.queued_requests.dec();
     match permit {
         Ok(Ok(p)) => Ok(p),
         _ => Err(busy("the server is at capacity; no slot became free in time")),
@@ -295,6 +312,3 @@ async fn serve_plugin(
 }
 
 pub use body::BoxError;
-
-/// `Method` re-export for admin routing.
-pub type HttpMethod = Method;

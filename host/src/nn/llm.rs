@@ -18,6 +18,15 @@ fn from_engine(e: EngineError) -> Error {
     err(code, e.to_string())
 }
 
+/// Longest text or token list a tokenizer call takes: these run on an async worker and
+/// cannot be interrupted, so they must stay short.
+const MAX_TEXT_BYTES: usize = 4 << 20;
+const MAX_TOKENS: usize = 1 << 20;
+
+fn too_long(what: &str, n: usize, max: usize) -> Error {
+    err(ErrorCode::InvalidArgument, format!("{what} has {n} entries; at most {max} are accepted"))
+}
+
 impl NnView<'_> {
     fn llm_model(&mut self, name: &str) -> Result<Arc<Model>, Error> {
         self.ctx.note_call();
@@ -62,6 +71,9 @@ impl model::Host for NnView<'_> {
         add_special: bool,
         parse_special: bool,
     ) -> wasmtime::Result<Result<Vec<i32>, Error>> {
+        if text.len() > MAX_TEXT_BYTES {
+            return Ok(Err(too_long("the text", text.len(), MAX_TEXT_BYTES)));
+        }
         Ok(self.llm_model(&name).and_then(|m| m.tokenize(&text, add_special, parse_special).map_err(from_engine)))
     }
 
@@ -71,6 +83,9 @@ impl model::Host for NnView<'_> {
         tokens: Vec<i32>,
         render_special: bool,
     ) -> wasmtime::Result<Result<String, Error>> {
+        if tokens.len() > MAX_TOKENS {
+            return Ok(Err(too_long("the token list", tokens.len(), MAX_TOKENS)));
+        }
         Ok(self.llm_model(&name).and_then(|m| m.detokenize(&tokens, render_special).map_err(from_engine)))
     }
 
@@ -80,6 +95,9 @@ impl model::Host for NnView<'_> {
         tokens: Vec<i32>,
         render_special: bool,
     ) -> wasmtime::Result<Result<Vec<Vec<u8>>, Error>> {
+        if tokens.len() > MAX_TOKENS {
+            return Ok(Err(too_long("the token list", tokens.len(), MAX_TOKENS)));
+        }
         Ok(self.llm_model(&name).and_then(|m| m.token_bytes(&tokens, render_special).map_err(from_engine)))
     }
 
@@ -89,6 +107,10 @@ impl model::Host for NnView<'_> {
         messages: Vec<ChatMessage>,
         add_generation_prompt: bool,
     ) -> wasmtime::Result<Result<String, Error>> {
+        let size: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+        if size > MAX_TEXT_BYTES {
+            return Ok(Err(too_long("the conversation", size, MAX_TEXT_BYTES)));
+        }
         Ok(self.llm_model(&name).and_then(|m| {
             let messages: Vec<(String, String)> = messages.into_iter().map(|c| (c.role, c.content)).collect();
             m.apply_chat_template(&messages, add_generation_prompt).map_err(from_engine)

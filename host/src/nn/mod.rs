@@ -89,14 +89,19 @@ pub struct NnCtx {
     first_call_seen: bool,
     first_output_seen: bool,
     observer: Arc<dyn NnObserver>,
+    /// Bytes of tensors this instance holds in host memory, and the most it may hold.
+    tensor_bytes: usize,
+    max_tensor_bytes: usize,
 }
 
 impl NnCtx {
+    /// `max_tensor_bytes`: host memory the guest may fill with tensors (its memory limit).
     pub fn new(
         engine: Arc<Engine>,
         plugin: Arc<str>,
         allowed: AllowedModels,
         max_contexts: usize,
+        max_tensor_bytes: usize,
         observer: Arc<dyn NnObserver>,
     ) -> Self {
         Self {
@@ -109,6 +114,8 @@ impl NnCtx {
             first_call_seen: false,
             first_output_seen: false,
             observer,
+            tensor_bytes: 0,
+            max_tensor_bytes,
         }
     }
 
@@ -153,16 +160,36 @@ pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, get: fn(&mut T) 
 fn engine_error(e: &EngineError) -> ErrorCode {
     match e {
         EngineError::UnknownModel(_) => ErrorCode::NotFound,
-        EngineError::ContextFull { .. } | EngineError::KvCacheFull { .. } => ErrorCode::TooLarge,
+        EngineError::ContextFull { .. } => ErrorCode::TooLarge,
         EngineError::InvalidToken { .. } | EngineError::InvalidArgument(_) | EngineError::SequenceBroken => {
             ErrorCode::InvalidArgument
         }
-        EngineError::AdmissionTimeout { .. } | EngineError::QueueFull { .. } => ErrorCode::Timeout,
+        // Busy, not the caller's fault: retrying later can succeed.
+        EngineError::AdmissionTimeout { .. }
+        | EngineError::QueueFull { .. }
+        | EngineError::NoFreeSequence { .. }
+        | EngineError::KvCacheFull { .. }
+        | EngineError::SchedulerStopped(_) => ErrorCode::Timeout,
         _ => ErrorCode::RuntimeError,
     }
 }
 
 impl NnView<'_> {
+    /// Count tensor data against the instance's limit: host memory a guest fills through
+    /// tensors is still its memory. Past the limit the guest traps, as it would in wasm.
+    fn hold_tensor_bytes(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        let total = self.ctx.tensor_bytes.saturating_add(bytes);
+        if total > self.ctx.max_tensor_bytes {
+            wasmtime::bail!(
+                "memory limit: plugin {} holds {total} bytes of tensors, its limit is {}",
+                self.ctx.plugin,
+                self.ctx.max_tensor_bytes
+            );
+        }
+        self.ctx.tensor_bytes = total;
+        Ok(())
+    }
+
     fn error(&mut self, code: ErrorCode, message: impl Into<String>) -> wasmtime::Result<Resource<NnError>> {
         Ok(self.table.push(NnError { code, message: message.into() })?)
     }
@@ -180,6 +207,7 @@ impl NnView<'_> {
         for (name, handle) in inputs {
             // Inputs are owned by the host now: take them out of the table either way.
             let t = self.table.delete(handle)?;
+            self.ctx.tensor_bytes = self.ctx.tensor_bytes.saturating_sub(t.data.len());
             if problem.is_some() {
                 continue;
             }
@@ -192,7 +220,14 @@ impl NnView<'_> {
                     }
                     _ => Err(format!("{TOP_K} must hold one integer >= 1, got {v:?}")),
                 }),
-                ALLOWED_IDS => i32_vector(&name, &t).map(|v| allowed = Some(v)),
+                ALLOWED_IDS => i32_vector(&name, &t).and_then(|v| {
+                    // More ids than the vocabulary holds can only be repeats.
+                    if v.len() > vocab {
+                        return Err(format!("{ALLOWED_IDS} lists {} ids; the vocabulary has {vocab}", v.len()));
+                    }
+                    allowed = Some(v);
+                    Ok(())
+                }),
                 other => Err(format!(
                     "unknown input tensor {other:?}; expected {INPUT_IDS:?}, optionally {TOP_K:?} and {ALLOWED_IDS:?}"
                 )),
@@ -284,10 +319,13 @@ impl graph::HostGraph for NnView<'_> {
                 "plugin {} may hold at most {} execution contexts at once; drop one first",
                 self.ctx.plugin, self.ctx.max_contexts
             );
-            return Ok(Err(self.error(ErrorCode::TooLarge, msg)?));
+            return Ok(Err(self.error(ErrorCode::RuntimeError, msg)?));
         }
         let model = self.table.get(&graph)?.model.clone();
-        match model.open().await {
+        // Only the first context waits for a free sequence: an instance waiting for a second
+        // while holding one could deadlock with others doing the same.
+        let opened = if self.ctx.open_contexts == 0 { model.open().await } else { model.open_now().await };
+        match opened {
             Ok(sequence) => {
                 self.ctx.open_contexts += 1;
                 Ok(Ok(self.table.push(ExecutionContext { sequence })?))
@@ -334,6 +372,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         };
         let mut named = Vec::with_capacity(tensors.len());
         for (name, dims, ty, data) in tensors {
+            self.hold_tensor_bytes(data.len())?;
             named.push((name.to_string(), self.table.push(TensorHandle { dims, ty, data })?));
         }
         Ok(Ok(named))
@@ -356,6 +395,7 @@ impl tensor::HostTensor for NnView<'_> {
         ty: TensorType,
         data: TensorData,
     ) -> wasmtime::Result<Resource<TensorHandle>> {
+        self.hold_tensor_bytes(data.len())?;
         Ok(self.table.push(TensorHandle { dims, ty, data })?)
     }
 
@@ -372,7 +412,8 @@ impl tensor::HostTensor for NnView<'_> {
     }
 
     fn drop(&mut self, t: Resource<TensorHandle>) -> wasmtime::Result<()> {
-        self.table.delete(t)?;
+        let t = self.table.delete(t)?;
+        self.ctx.tensor_bytes = self.ctx.tensor_bytes.saturating_sub(t.data.len());
         Ok(())
     }
 }

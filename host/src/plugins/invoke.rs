@@ -15,7 +15,7 @@ use wasmtime_wasi_http::WasiHttpView;
 
 use super::registry::Plugin;
 use super::store::{sandboxed_wasi, MemoryLimit, OutgoingPolicy, PluginState};
-use super::{PluginObserver, PluginRuntime};
+use super::PluginRuntime;
 use crate::nn::NnCtx;
 
 /// Why a guest stopped before finishing its request.
@@ -132,6 +132,7 @@ impl PluginRuntime {
                 name.as_str().into(),
                 plugin.allowed_models.clone(),
                 m.max_contexts,
+                usize::try_from(m.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
                 self.nn_observer.clone(),
             ),
         };
@@ -186,7 +187,9 @@ impl PluginRuntime {
             result
             // The store drops here: open sequences close and their KV cells are freed.
         });
-        let abort = task.abort_handle();
+        // Until the response is handed over, dropping this future (the client went away)
+        // stops the guest too; afterwards the response body carries the guard.
+        let guard = AbortOnDrop(task.abort_handle());
         match rx.await {
             Ok(Ok(response)) => {
                 // The body streams from here; report a later failure once the guest ends.
@@ -195,10 +198,11 @@ impl PluginRuntime {
                         tracing::warn!(error = %e, "plugin failed after sending its response headers");
                     }
                 });
-                Ok(response.map(|inner| PluginBody { inner, _guest: AbortOnDrop(abort) }))
+                Ok(response.map(|inner| PluginBody { inner, _guest: guard }))
             }
             Ok(Err(code)) => {
-                let _ = task.await;
+                // The answer is decided; whatever the guest does next does not matter.
+                drop(guard);
                 Err(InvokeError::GuestError { plugin: name, code: error_code_text(&code) })
             }
             Err(_) => match task.await {
@@ -242,11 +246,4 @@ fn classify(
     };
     tracing::warn!(plugin = %plugin, kind = kind.label(), error = %format!("{err:#}"), "guest trapped");
     Err(InvokeError::Trap { plugin, kind })
-}
-
-/// Observes plugin runs (metrics and benchmarks implement it).
-pub fn noop_observer() -> Arc<dyn PluginObserver> {
-    struct Noop;
-    impl PluginObserver for Noop {}
-    Arc::new(Noop)
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use wasmtime::component::Linker;
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use invoke::{noop_observer, InvokeError, PluginBody, TrapKind};
+pub use invoke::{InvokeError, PluginBody, TrapKind};
 pub use manifest::{PluginManifest, RESERVED_PREFIXES};
 pub use registry::{Plugin, PluginFailure, PluginSet};
 pub use store::PluginState;
@@ -81,7 +81,8 @@ pub struct PluginRuntime {
     reload_lock: tokio::sync::Mutex<u64>,
     pub(crate) observer: Arc<dyn PluginObserver>,
     pub(crate) nn_observer: Arc<dyn NnObserver>,
-    ticker: EpochTicker,
+    /// Stops the epoch thread when the runtime goes away.
+    _ticker: EpochTicker,
 }
 
 /// Advances the engine's epoch every few milliseconds: the clock for guest deadlines.
@@ -154,7 +155,7 @@ impl PluginRuntime {
             reload_lock: tokio::sync::Mutex::new(0),
             observer,
             nn_observer,
-            ticker: EpochTicker { stop },
+            _ticker: EpochTicker { stop },
         });
         let report = runtime.reload().await;
         tracing::info!(loaded = ?report.loaded, failed = report.failed.len(), "plugins loaded");
@@ -208,10 +209,5 @@ impl PluginRuntime {
                 }
             }
         });
-    }
-
-    /// Whether the epoch ticker (the guest deadline clock) is running.
-    pub fn ticking(&self) -> bool {
-        !self.ticker.stop.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -98,6 +98,14 @@ impl Handler for Hostile {
                 let _ = writeln!(std::io::stderr(), "hostile guest writes to stderr");
                 res.json(200, &json!({ "ok": true }))
             }
+            "tensor-hoard" => {
+                // Host-side tensors count against the memory limit too.
+                use flywheel_guest::bindings::wasi::nn::tensor::{Tensor, TensorType};
+                let mut hoard = Vec::new();
+                loop {
+                    hoard.push(Tensor::new(&[1 << 18], TensorType::Fp32, &vec![0u8; 1 << 20]));
+                }
+            }
             "nn-misuse" => res.json(200, &nn_misuse(query_param(&req, "other").unwrap_or("other"))),
             "fuzz" => {
                 let seed = query_param(&req, "seed").and_then(|v| v.parse().ok()).unwrap_or(1);
