@@ -66,6 +66,19 @@ impl Model {
         llm::list_models()
     }
 
+    /// The model a request asked for, else the plugin's `MODEL` config value, else the first
+    /// model it may use.
+    pub fn open_requested(requested: Option<&str>) -> Result<Self, crate::HttpError> {
+        let name = match requested {
+            Some(n) => n.to_string(),
+            None => std::env::var("MODEL")
+                .ok()
+                .or_else(|| Self::available().into_iter().next())
+                .ok_or_else(|| crate::HttpError::new(503, "server_error", "no model is available to this plugin"))?,
+        };
+        Ok(Self::open(&name)?)
+    }
+
     pub fn name(&self) -> &str {
         &self.info.name
     }

@@ -129,10 +129,11 @@ struct PluginBenchArgs {
     threads: Option<i32>,
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    #[arg(long)]
     /// Only measure instantiation (works with any plugin, not just `complete`).
     #[arg(long)]
     instantiate_only: bool,
+    /// One JSON object per row instead of a table.
+    #[arg(long)]
     json: bool,
 }
 

@@ -32,12 +32,8 @@ impl Handler for Json {
             return Err(HttpError::new(405, "invalid_request_error", "use POST with a JSON body"));
         }
         let body: JsonRequest = req.json()?;
-        let name = body
-            .model
-            .or_else(|| std::env::var("MODEL").ok())
-            .or_else(|| Model::available().into_iter().next())
-            .ok_or_else(|| HttpError::new(503, "server_error", "no model is available to this plugin"))?;
-        let model = Model::open(&name)?;
+        let model = Model::open_requested(body.model.as_deref())?;
+        let name = model.name().to_string();
         let info = model.info();
         let limit = max_tokens(body.max_tokens, 256, info.context_length)?;
         let sampler = body.sampling.sampler(0.0, info.vocab_size)?;

@@ -106,6 +106,21 @@ pub(crate) async fn engine_run(model: &Arc<Model>, prompts: &[Vec<i32>], gen: us
             anyhow::Ok((first, first_at))
         }));
     }
+    gather("engine", tasks, start, model, prefill_before, prompts, gen).await
+}
+
+/// Each task's (time to first token, instant of the first token) become one row: tok/s over
+/// the whole run, step time after every sequence has its first token, median TTFT, and the
+/// prompt tokens the engine computed meanwhile.
+pub(crate) async fn gather(
+    mode: &str,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<(Duration, Instant)>>>,
+    start: Instant,
+    model: &Model,
+    prefill_before: u64,
+    prompts: &[Vec<i32>],
+    gen: usize,
+) -> anyhow::Result<Row> {
     let mut ttfts = Vec::new();
     let mut all_first = start;
     for t in tasks {
@@ -115,7 +130,7 @@ pub(crate) async fn engine_run(model: &Arc<Model>, prompts: &[Vec<i32>], gen: us
     }
     let total = start.elapsed();
     let prefill = model.stats().prefill_tokens.load(std::sync::atomic::Ordering::Relaxed) - prefill_before;
-    Ok(row("engine", prompts, gen, total, all_first.elapsed(), median(&mut ttfts), prefill))
+    Ok(row(mode, prompts, gen, total, all_first.elapsed(), median(&mut ttfts), prefill))
 }
 
 fn first_id(out: Output) -> anyhow::Result<i32> {

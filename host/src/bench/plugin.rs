@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
-use super::engine::{engine_run, median_row, row};
+use super::engine::{engine_run, gather, median_row};
 use super::{median, synthetic_prompts, Row};
 use crate::engine::Model;
 use crate::nn::NnObserver;
@@ -183,14 +183,5 @@ async fn plugin_run(
             first.ok_or_else(|| anyhow::anyhow!("no events"))
         }));
     }
-    let mut ttfts = Vec::new();
-    let mut all_first = start;
-    for t in tasks {
-        let (ttft, first_at) = t.await??;
-        ttfts.push(ttft.as_secs_f64() * 1e3);
-        all_first = all_first.max(first_at);
-    }
-    let total = start.elapsed();
-    let prefill = model.stats().prefill_tokens.load(std::sync::atomic::Ordering::Relaxed) - prefill_before;
-    Ok(row("plugin", prompts, gen, total, all_first.elapsed(), median(&mut ttfts), prefill))
+    gather("plugin", tasks, start, model, prefill_before, prompts, gen).await
 }

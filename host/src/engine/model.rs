@@ -235,7 +235,8 @@ impl Model {
     ) -> Result<Sequence, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Open { reply })?;
-        let seq_id = rx.await.map_err(|_| self.stopped())??;
+        let mut pending = PendingOpen { model: self, rx };
+        let seq_id = (&mut pending.rx).await.map_err(|_| self.stopped())??;
         self.stats.active_sequences.fetch_add(1, Ordering::Relaxed);
         self.stats.sequences_opened.fetch_add(1, Ordering::Relaxed);
         Ok(Sequence::new(self.clone(), seq_id, permit))
@@ -364,5 +365,23 @@ fn model_info(manifest: &ModelManifest, llama: &LlamaModel, n_vocab: usize) -> M
         adds_bos: vocab.should_add_bos(),
         chat_template,
         max_sequences: manifest.max_sequences,
+    }
+}
+
+/// An open whose reply has not been read yet. If the caller gives up (its future is dropped)
+/// after the scheduler already answered, the slot it was given is closed here; if the
+/// scheduler has not answered yet, closing the channel makes its send fail and it frees the
+/// slot itself.
+struct PendingOpen<'a> {
+    model: &'a Model,
+    rx: oneshot::Receiver<Result<i32, EngineError>>,
+}
+
+impl Drop for PendingOpen<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(Ok(seq)) = self.rx.try_recv() {
+            let _ = self.model.send(Command::Close { seq });
+        }
     }
 }

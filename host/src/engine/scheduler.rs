@@ -77,6 +77,8 @@ struct Live {
     fresh: bool,
     /// History length when the current feed was accepted: a failed feed rolls back to it.
     feed_start: usize,
+    /// The current feed is one generated token (a decode), not a prompt or its last chunk.
+    decoding: bool,
 }
 
 enum Slot {
@@ -227,6 +229,7 @@ impl<'m> Scheduler<'m> {
             answered_at: None,
             fresh: true,
             feed_start: 0,
+            decoding: false,
         });
         Ok(free as i32)
     }
@@ -268,6 +271,7 @@ impl<'m> Scheduler<'m> {
         }
         live.fresh = live.history.is_empty();
         live.feed_start = live.history.len();
+        live.decoding = tokens.len() == 1 && !live.history.is_empty();
         live.pending = tokens;
         live.feed = Some(Feed { want, reply });
         self.queue.push_back(seq);
@@ -413,7 +417,7 @@ impl<'m> Scheduler<'m> {
         // Decode tokens: one per generating sequence.
         for &seq in &order {
             let Some(live) = self.live(seq) else { continue };
-            if live.pending.len() == 1 && !live.history.is_empty() {
+            if live.decoding {
                 entries.push(Entry {
                     token: live.pending[0],
                     pos: live.history.len() as i32,
@@ -430,7 +434,7 @@ impl<'m> Scheduler<'m> {
                 break;
             }
             let Some(live) = self.live(seq) else { continue };
-            if live.pending.len() == 1 && !live.history.is_empty() {
+            if live.decoding {
                 continue; // a decode token, already planned
             }
             if live.fresh {
