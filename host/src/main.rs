@@ -112,40 +112,13 @@ struct HttpBenchArgs {
     json: bool,
 }
 
+/// Workload and output settings shared by the engine and plugin benchmarks.
 #[derive(Args)]
-struct PluginBenchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// The compiled `complete` plugin.
-    #[arg(long, default_value = "target/wasm32-wasip2/guest/complete.wasm")]
-    plugin: PathBuf,
-    #[arg(long, value_delimiter = ',', default_value = "1,16")]
-    n: Vec<usize>,
+struct BenchRunArgs {
+    /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 64)]
     prompt: usize,
-    #[arg(long, default_value_t = 128)]
-    gen: usize,
-    #[arg(long)]
-    threads: Option<i32>,
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
-    /// Only measure instantiation (works with any plugin, not just `complete`).
-    #[arg(long)]
-    instantiate_only: bool,
-    /// One JSON object per row instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct EngineBenchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Concurrent sequences to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
-    n: Vec<usize>,
-    #[arg(long, default_value_t = 64)]
-    prompt: usize,
+    /// Tokens generated per sequence.
     #[arg(long, default_value_t = 128)]
     gen: usize,
     /// Override the manifest's thread count.
@@ -157,6 +130,34 @@ struct EngineBenchArgs {
     /// One JSON object per row instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct PluginBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The compiled `complete` plugin.
+    #[arg(long, default_value = "target/wasm32-wasip2/guest/complete.wasm")]
+    plugin: PathBuf,
+    /// Concurrent sequences to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    n: Vec<usize>,
+    /// Only measure instantiation (works with any plugin, not just `complete`).
+    #[arg(long)]
+    instantiate_only: bool,
+    #[command(flatten)]
+    run: BenchRunArgs,
+}
+
+#[derive(Args)]
+struct EngineBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Concurrent sequences to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    n: Vec<usize>,
+    #[command(flatten)]
+    run: BenchRunArgs,
 }
 
 fn init_logging(level: &str, format: LogFormat) {
@@ -271,20 +272,20 @@ fn list_models(dir: &Path) -> anyhow::Result<()> {
 
 async fn bench_engine(args: EngineBenchArgs) -> anyhow::Result<()> {
     let max_n = args.n.iter().copied().max().unwrap_or(1);
-    let manifest = bench_manifest(&args.model, args.threads, max_n, args.prompt, args.gen)?;
+    let manifest = bench_manifest(&args.model, &args.run, max_n)?;
     let title = format!(
         "bench engine: model {} threads {} (prompt {}, gen {}, greedy)",
-        manifest.name, manifest.threads, args.prompt, args.gen
+        manifest.name, manifest.threads, args.run.prompt, args.run.gen
     );
     let model = load_model(manifest)?;
     let b = bench::engine::EngineBench {
         ns: args.n,
-        prompt: args.prompt,
-        gen: args.gen,
-        repeat: args.repeat,
+        prompt: args.run.prompt,
+        gen: args.run.gen,
+        repeat: args.run.repeat,
         ..Default::default()
     };
-    let json = args.json;
+    let json = args.run.json;
     let rows = b
         .run(&model, |r| {
             if !json {
@@ -326,28 +327,22 @@ async fn bench_http(args: HttpBenchArgs) -> anyhow::Result<()> {
 }
 
 /// The manifest a bench uses: the named model, sized for the runs.
-fn bench_manifest(
-    args: &ModelArgs,
-    threads: Option<i32>,
-    max_n: usize,
-    prompt: usize,
-    gen: usize,
-) -> anyhow::Result<ModelManifest> {
+fn bench_manifest(args: &ModelArgs, run: &BenchRunArgs, max_n: usize) -> anyhow::Result<ModelManifest> {
     let mut manifest = load_manifest(args)?;
-    if let Some(t) = threads {
+    if let Some(t) = run.threads {
         manifest.threads = t;
     }
     manifest.max_sequences = manifest.max_sequences.max(max_n);
-    manifest.context_length = manifest.context_length.min((prompt + gen).next_power_of_two().max(256));
+    manifest.context_length = manifest.context_length.min((run.prompt + run.gen).next_power_of_two().max(256));
     Ok(manifest)
 }
 
 async fn bench_plugin(args: PluginBenchArgs) -> anyhow::Result<()> {
     let max_n = args.n.iter().copied().max().unwrap_or(1);
-    let manifest = bench_manifest(&args.model, args.threads, max_n, args.prompt, args.gen)?;
+    let manifest = bench_manifest(&args.model, &args.run, max_n)?;
     let title = format!(
         "bench plugin: model {} threads {} (prompt {}, gen {}, greedy, streamed)",
-        manifest.name, manifest.threads, args.prompt, args.gen
+        manifest.name, manifest.threads, args.run.prompt, args.run.gen
     );
     let model_name = manifest.name.clone();
     let engine = Arc::new(Engine::load(vec![manifest], Arc::new(NoObserver))?);
@@ -375,13 +370,13 @@ deadline_ms = 600000
     })?;
     let b = bench::plugin::PluginBench {
         ns: args.n,
-        prompt: args.prompt,
-        gen: args.gen,
-        repeat: args.repeat,
+        prompt: args.run.prompt,
+        gen: args.run.gen,
+        repeat: args.run.repeat,
         instantiate_only: args.instantiate_only,
         ..Default::default()
     };
-    let json = args.json;
+    let json = args.run.json;
     let rows = b
         .run(&runtime, &plugin, &model, &probes, |r| {
             if !json && r.p50_us.is_none() {

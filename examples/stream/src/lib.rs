@@ -8,8 +8,7 @@ impl Handler for Stream {
     fn handle(req: Request, res: Responder) -> Result<(), HttpError> {
         let body: serde_json::Value = req.json()?;
         let prompt = body["prompt"].as_str().ok_or_else(|| HttpError::bad_request("\"prompt\" is required"))?;
-        let name = Model::available().into_iter().next().ok_or_else(|| HttpError::not_found("no model"))?;
-        let model = Model::open(&name)?;
+        let model = Model::open_requested(None)?;
         let tokens = model.tokenize(prompt)?;
         let sampler = Sampler::new().temperature(0.7);
         let mut generation = model.generate(&tokens, sampler, GenerateOptions::max_tokens(128))?;
