@@ -167,6 +167,17 @@ async fn tensors_held_in_host_memory_count_against_the_limit() {
     let s = examples_server().await;
     let r = s.post("/fn/hostile/tensor-hoard", "").await;
     assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("memory limit"), "{}", r.text());
+    assert!(s.metrics.encode().contains(r#"flywheel_guest_traps_total{plugin="hostile",kind="memory_limit"} 1"#));
+    assert_eq!(s.post("/fn/hostile/ok", "").await.status, 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_hoarding_host_handles_traps_at_the_table_limit() {
+    let s = examples_server().await;
+    let r = s.post("/fn/hostile/handle-hoard", "").await;
+    assert_eq!(r.status, 500, "{}", r.text());
     assert!(s.metrics.encode().contains(r#"flywheel_guest_traps_total{plugin="hostile",kind="other"} 1"#));
     assert_eq!(s.post("/fn/hostile/ok", "").await.status, 200);
     s.shutdown().await;

@@ -334,6 +334,7 @@ fn bench_manifest(args: &ModelArgs, run: &BenchRunArgs, max_n: usize) -> anyhow:
     }
     manifest.max_sequences = manifest.max_sequences.max(max_n);
     manifest.context_length = manifest.context_length.min((run.prompt + run.gen).next_power_of_two().max(256));
+    manifest.validate().map_err(|e| anyhow::anyhow!("model {} with these bench settings: {e}", manifest.name))?;
     Ok(manifest)
 }
 

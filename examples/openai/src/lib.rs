@@ -168,7 +168,8 @@ fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
     let created = now();
     let name = p.name.clone();
     let options = std::mem::replace(&mut p.options, GenerateOptions::max_tokens(0));
-    let mut generation = p.model.generate(&tokens, p.sampler.clone(), options).map_err(prompt_error)?;
+    let mut generation =
+        p.model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "prompt"))?;
     let chunk = |text: &str, reason: Option<&str>| {
         json!({
             "id": id, "object": "text_completion", "created": created, "model": name,
@@ -202,11 +203,12 @@ fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
 }
 
 /// A prompt that does not fit is the client's problem: say so as OpenAI does.
-fn prompt_error(e: flywheel_guest::Error) -> HttpError {
+/// A prompt that does not fit the context is the client's error, in the field `param`.
+fn prompt_error(e: flywheel_guest::Error, param: &str) -> HttpError {
     let mut h = HttpError::from(e);
     if h.kind == "context_length_exceeded" {
         h.kind = "invalid_request_error".into();
-        h.param = Some("messages".into());
+        h.param = Some(param.into());
     }
     h
 }
@@ -307,7 +309,8 @@ fn chat_completions(req: &Request, res: Responder) -> Result<(), HttpError> {
     if json_mode {
         options = options.constraint(JsonConstraint::object());
     }
-    let mut generation = p.model.generate(&tokens, p.sampler.clone(), options).map_err(prompt_error)?;
+    let mut generation =
+        p.model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "messages"))?;
     let id = random_id("chatcmpl");
     let created = now();
     let name = p.name.clone();

@@ -165,6 +165,7 @@ fn native_lockstep(
     let mut batch = LlamaBatch::new(n_batch, 1);
     let start = Instant::now();
     let mut next = vec![0i32; n];
+    let mut ttfts = Vec::with_capacity(n);
     // Prefill in chunks of the batch size; a prompt's last token gets logits.
     let entries: Vec<(usize, usize)> =
         prompts.iter().enumerate().flat_map(|(s, p)| (0..p.len()).map(move |i| (s, i))).collect();
@@ -181,9 +182,9 @@ fn native_lockstep(
         ctx.decode(&mut batch)?;
         for (s, row) in rows {
             next[s] = topk::argmax(ctx.get_logits_ith(row)).unwrap_or(0) as i32;
+            ttfts.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let ttft = start.elapsed();
     let first_at = Instant::now();
     let mut pos: Vec<i32> = prompts.iter().map(|p| p.len() as i32).collect();
     for _ in 1..gen {
@@ -199,7 +200,7 @@ fn native_lockstep(
     }
     let total = start.elapsed();
     let prefill: usize = prompts.iter().map(Vec::len).sum();
-    Ok(row("native", prompts, gen, total, first_at.elapsed(), ttft.as_secs_f64() * 1e3, prefill as u64))
+    Ok(row("native", prompts, gen, total, first_at.elapsed(), median(&mut ttfts), prefill as u64))
 }
 
 pub(crate) fn row(

@@ -95,7 +95,8 @@ pub fn top_k(row: &[f32], k: usize, allowed: Option<&[i32]>) -> (Vec<i32>, Vec<f
         return (best.ids, best.logits);
     }
     if k == 1 {
-        return match argmax(row) {
+        // A row with no finite entry still yields its first non-NaN one, as k >= 2 does.
+        return match argmax(row).or_else(|| row.iter().position(|x| !x.is_nan())) {
             Some(i) => (vec![i as i32], vec![row[i]]),
             None => (Vec::new(), Vec::new()),
         };
@@ -190,5 +191,12 @@ mod tests {
         let allowed = [5, 900, 5, 17, 400, 17];
         assert_eq!(top_k(&row, 3, Some(&allowed)).0, reference(&row, 3, Some(&allowed)));
         assert_eq!(top_k(&row, 10, Some(&allowed)).0.len(), 4);
+    }
+
+    #[test]
+    fn a_row_without_finite_entries_answers_every_k_alike() {
+        let row = vec![f32::NAN, f32::NEG_INFINITY, f32::NEG_INFINITY];
+        assert_eq!(top_k(&row, 1, None).0, vec![1]);
+        assert_eq!(top_k(&row, 2, None).0, vec![1, 2]);
     }
 }

@@ -222,6 +222,23 @@ fn readiness(state: &AppState) -> Response<ServerBody> {
     )
 }
 
+/// Counts a request in `flywheel_in_flight_requests` from the moment it holds a slot until
+/// its response body is done.
+struct InFlight(Arc<Metrics>);
+
+impl InFlight {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.in_flight_requests.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight_requests.dec();
+    }
+}
+
 struct Dequeue<'a>(&'a AppState);
 
 impl Drop for Dequeue<'_> {
@@ -281,7 +298,7 @@ async fn serve_plugin(
         if parts.uri.authority().is_none() && !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, HeaderValue::from_static("localhost"));
         }
-        let slot = acquire_slot(state).await?;
+        let slot = (acquire_slot(state).await?, InFlight::new(&state.metrics));
         let guest_req = Request::from_parts(parts, Full::new(bytes));
         let resp = state.runtime.invoke(&plugin, guest_req).await?;
         Ok((resp, slot))
@@ -290,14 +307,12 @@ async fn serve_plugin(
     match result {
         Ok((resp, slot)) => {
             let status = resp.status().as_u16();
-            state.metrics.in_flight_requests.inc();
             let metrics = state.metrics.clone();
             let plugin_name = name.clone();
             let resp = resp.map(move |b| {
                 let inner = b.map_err(|e| Box::new(e) as body::BoxError).boxed_unsync();
                 // Recorded when the body is done (or the client left): streaming included.
                 let tracked = TrackedBody::new(inner, slot, move |_slot| {
-                    metrics.in_flight_requests.dec();
                     metrics.record_request(&plugin_name, status, started.elapsed());
                 });
                 tracked.boxed_unsync()

@@ -29,6 +29,9 @@ pub const INPUT_IDS: &str = "input_ids";
 pub const TOP_K: &str = "top_k";
 pub const ALLOWED_IDS: &str = "allowed_ids";
 
+/// Longest model name a guest may pass (names are echoed in error messages).
+const MAX_MODEL_NAME: usize = 256;
+
 /// A graph: a loaded model this plugin may use.
 pub struct GraphHandle {
     model: Arc<Model>,
@@ -92,6 +95,8 @@ pub struct NnCtx {
     /// Bytes of tensors this instance holds in host memory, and the most it may hold.
     tensor_bytes: usize,
     max_tensor_bytes: usize,
+    /// The guest trapped for holding more tensor bytes than `max_tensor_bytes`.
+    tensor_limit_hit: bool,
 }
 
 impl NnCtx {
@@ -116,6 +121,7 @@ impl NnCtx {
             observer,
             tensor_bytes: 0,
             max_tensor_bytes,
+            tensor_limit_hit: false,
         }
     }
 
@@ -126,8 +132,16 @@ impl NnCtx {
         }
     }
 
+    /// Whether the guest was stopped for exceeding its memory limit with tensors.
+    pub fn memory_limit_hit(&self) -> bool {
+        self.tensor_limit_hit
+    }
+
     /// The model named `name`, if it is loaded and this plugin may use it.
     fn model(&self, name: &str) -> Result<Arc<Model>, Refusal> {
+        if name.len() > MAX_MODEL_NAME {
+            return Err((ErrorCode::InvalidArgument, format!("model names are at most {MAX_MODEL_NAME} bytes")));
+        }
         let model = self.engine.model(name).cloned().map_err(|e| (ErrorCode::NotFound, e.to_string()))?;
         if !self.allowed.allows(name) {
             return Err((ErrorCode::Security, format!("plugin {} may not use model {name:?}", self.plugin)));
@@ -180,6 +194,7 @@ impl NnView<'_> {
     fn hold_tensor_bytes(&mut self, bytes: usize) -> wasmtime::Result<()> {
         let total = self.ctx.tensor_bytes.saturating_add(bytes);
         if total > self.ctx.max_tensor_bytes {
+            self.ctx.tensor_limit_hit = true;
             wasmtime::bail!(
                 "memory limit: plugin {} holds {total} bytes of tensors, its limit is {}",
                 self.ctx.plugin,
@@ -269,18 +284,11 @@ fn i32_vector(name: &str, t: &TensorHandle) -> Result<Vec<i32>, String> {
     Ok(t.data.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
-fn le_bytes_f32(values: &[f32]) -> Vec<u8> {
+/// A tensor's little-endian bytes: `le_bytes(&row, f32::to_le_bytes)`.
+fn le_bytes<T: Copy>(values: &[T], to_le: fn(T) -> [u8; 4]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out
-}
-
-fn le_bytes_i32(values: &[i32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
+    for &v in values {
+        out.extend_from_slice(&to_le(v));
     }
     out
 }
@@ -364,10 +372,12 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             self.ctx.observer.first_output(&self.ctx.plugin, self.ctx.created.elapsed());
         }
         let tensors = match out {
-            Output::Logits(row) => vec![("logits", vec![row.len() as u32], TensorType::Fp32, le_bytes_f32(&row))],
+            Output::Logits(row) => {
+                vec![("logits", vec![row.len() as u32], TensorType::Fp32, le_bytes(&row, f32::to_le_bytes))]
+            }
             Output::TopK { ids, logits } => vec![
-                ("top_k_ids", vec![ids.len() as u32], TensorType::I32, le_bytes_i32(&ids)),
-                ("top_k_logits", vec![logits.len() as u32], TensorType::Fp32, le_bytes_f32(&logits)),
+                ("top_k_ids", vec![ids.len() as u32], TensorType::I32, le_bytes(&ids, i32::to_le_bytes)),
+                ("top_k_logits", vec![logits.len() as u32], TensorType::Fp32, le_bytes(&logits, f32::to_le_bytes)),
             ],
         };
         let mut named = Vec::with_capacity(tensors.len());

@@ -97,6 +97,9 @@ impl Body for PluginBody {
 /// What a finished guest run amounted to.
 type RunResult = Result<(), InvokeError>;
 
+/// Host resources one instance may hold at once (live handles in its resource table).
+const MAX_HOST_RESOURCES: usize = 10_000;
+
 impl PluginRuntime {
     /// Serve one request with a fresh instance of `plugin`.
     pub async fn invoke<B>(
@@ -117,22 +120,23 @@ impl PluginRuntime {
         let deadline_after = Duration::from_millis(plugin.manifest.deadline_ms);
         let deadline = Instant::now() + deadline_after;
         let m = &plugin.manifest;
+        let memory_bytes = usize::try_from(m.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        // Every handle a guest holds (errors, graphs, tensors, streams) is host memory: bound
+        // their number so a guest that never drops them traps instead of growing the host.
+        let mut table = wasmtime::component::ResourceTable::new();
+        table.set_max_capacity(MAX_HOST_RESOURCES);
         let state = PluginState {
-            table: wasmtime::component::ResourceTable::new(),
+            table,
             wasi: sandboxed_wasi(&m.config),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             outgoing: OutgoingPolicy { allowed_hosts: plugin.allowed_hosts.clone() },
-            limits: MemoryLimit {
-                max_bytes: usize::try_from(m.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
-                max_table_elements: 100_000,
-                hit: false,
-            },
+            limits: MemoryLimit { max_bytes: memory_bytes, max_table_elements: 100_000, hit: false },
             nn: NnCtx::new(
                 self.engine.clone(),
                 name.as_str().into(),
                 plugin.allowed_models.clone(),
                 m.max_contexts,
-                usize::try_from(m.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+                memory_bytes,
                 self.nn_observer.clone(),
             ),
         };
@@ -231,7 +235,7 @@ fn classify(
         Ok(Ok(())) => return Ok(()),
         Ok(Err(e)) => e,
     };
-    if store.data().limits.hit {
+    if store.data().limits.hit || store.data().nn.memory_limit_hit() {
         return Err(InvokeError::Trap { plugin, kind: TrapKind::MemoryLimit });
     }
     let kind = match err.downcast_ref::<Trap>() {

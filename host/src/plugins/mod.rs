@@ -181,7 +181,12 @@ impl PluginRuntime {
         let mut last = self.reload_lock.lock().await;
         *last = registry::fingerprint(&self.config.plugin_dir);
         let old = self.plugins();
-        let loader = Loader { wasm: &self.wasm, linker: &self.linker, cache_dir: self.config.cache_dir.as_deref() };
+        let loader = Loader {
+            wasm: &self.wasm,
+            linker: &self.linker,
+            cache_dir: self.config.cache_dir.as_deref(),
+            max_memory_mb: self.config.max_memory_mb,
+        };
         let set = loader.load_dir(&self.config.plugin_dir, &old).await;
         let report = ReloadReport { loaded: set.plugins.keys().cloned().collect(), failed: set.failures.clone() };
         match self.current.write() {

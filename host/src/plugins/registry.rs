@@ -74,6 +74,8 @@ pub(crate) struct Loader<'a> {
     pub wasm: &'a wasmtime::Engine,
     pub linker: &'a Linker<PluginState>,
     pub cache_dir: Option<&'a Path>,
+    /// The pool's per-instance memory ceiling (`plugins.max_memory_mb`).
+    pub max_memory_mb: u64,
 }
 
 /// Plugin names become URL segments: keep them boring.
@@ -157,6 +159,14 @@ impl Loader<'_> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => PluginManifest::default(),
             Err(e) => return Err(format!("{}: {e}", manifest_path.display())),
         };
+        if manifest.memory_limit_mb > self.max_memory_mb {
+            return Err(format!(
+                "{}: memory_limit_mb = {} is above the server's plugins.max_memory_mb = {}",
+                manifest_path.display(),
+                manifest.memory_limit_mb,
+                self.max_memory_mb
+            ));
+        }
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
         if let Some(p) = old.plugins.get(name) {

@@ -106,6 +106,16 @@ impl Handler for Hostile {
                     hoard.push(Tensor::new(&[1 << 18], TensorType::Fp32, &vec![0u8; 1 << 20]));
                 }
             }
+            "handle-hoard" => {
+                // Handles live in the host's resource table: never dropping them must not
+                // grow the host without bound.
+                use flywheel_guest::bindings::wasi::nn::graph::load_by_name;
+                loop {
+                    if let Err(e) = load_by_name("no-such-model") {
+                        std::mem::forget(e);
+                    }
+                }
+            }
             "nn-misuse" => res.json(200, &nn_misuse(query_param(&req, "other").unwrap_or("other"))),
             "fuzz" => {
                 let seed = query_param(&req, "seed").and_then(|v| v.parse().ok()).unwrap_or(1);
