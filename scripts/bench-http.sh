@@ -37,4 +37,5 @@ ratio = h16["tok_s"] / e16["tok_s"]
 ttft = h1["ttft_ms"] / e1["ttft_ms"]
 print(f"http tok/s at 16: {h16['tok_s']:.1f} vs engine {e16['tok_s']:.1f} -> {ratio:.3f}x (need >= 0.9)")
 print(f"http ttft p50 at 1: {h1['ttft_ms']:.1f} ms vs engine prefill {e1['ttft_ms']:.1f} ms -> {ttft:.3f}x (need <= 1.2)")
+sys.exit(0 if ratio >= 0.9 and ttft <= 1.2 else 1)
 PY

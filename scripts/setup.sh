@@ -7,8 +7,12 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-# llama.cpp builds with cmake; bindgen needs libclang.
-packages=(cmake clang libclang-dev pkg-config curl)
+# llama.cpp builds with cmake and make; bindgen needs libclang; the model fetcher and the
+# tests' OpenAI client run on python3 with pip.
+packages=(build-essential cmake clang libclang-dev pkg-config curl)
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+  packages+=(python3 python3-pip)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

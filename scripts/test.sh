@@ -7,7 +7,9 @@ bash scripts/setup.sh
 # The tests drive the OpenAI API with the official Python client.
 if ! python3 -c "import openai" >/dev/null 2>&1; then
   echo "setup: installing the openai Python client"
-  python3 -m pip install -q --disable-pip-version-check "openai==3.57.0"
+  # Debian's own python3 refuses system-wide installs (PEP 668): fall back to the user site.
+  python3 -m pip install -q --disable-pip-version-check "openai==3.57.0" 2>/dev/null || \
+    python3 -m pip install -q --disable-pip-version-check --user --break-system-packages "openai==3.57.0"
 fi
 
 # The fleet test balances real nodes with Debian's nginx.
@@ -19,6 +21,9 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx >/dev/null
 fi
 export FLYWHEEL_REQUIRE_NGINX=1
+
+# Formatting and lint checks need these components (no-ops when present).
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 guests=(-p flywheel-guest -p complete -p json -p stream -p openai -p hostile)
 cargo fmt --all --check

@@ -47,36 +47,21 @@ async fn every_bad_request_gets_a_clear_json_error() {
     let s = server().await;
     let chat = "/v1/chat/completions";
     let b = |s: &str| Bytes::from(s.to_string());
-    expect_error(&s, 400, b("{\"model\": \"tiny\", \"messages\": ["), chat, "invalid JSON").await;
-    expect_error(&s, 400, b(""), chat, "empty").await;
-    expect_error(&s, 400, b(r#"{"model": "tiny", "messages": "hi"}"#), chat, "invalid JSON").await;
-    expect_error(
-        &s,
-        400,
-        b(r#"{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}"#),
-        chat,
-        "invalid JSON",
-    )
-    .await;
-    expect_error(
-        &s,
-        400,
-        b(r#"{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}"#),
-        chat,
-        "max_tokens",
-    )
-    .await;
-    expect_error(
-        &s,
-        400,
-        b(r#"{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000000000}"#),
-        chat,
-        "max_tokens",
-    )
-    .await;
-    expect_error(&s, 400, b(r#"{"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}"#), chat, "role")
-        .await;
-    expect_error(&s, 400, b(r#"{"model": "tiny", "messages": []}"#), chat, "messages").await;
+    let hi = r#"[{"role": "user", "content": "hi"}]"#;
+    // (body, what the error message names)
+    let cases = [
+        ("{\"model\": \"tiny\", \"messages\": [".to_string(), "invalid JSON"),
+        (String::new(), "empty"),
+        (r#"{"model": "tiny", "messages": "hi"}"#.to_string(), "invalid JSON"),
+        (format!(r#"{{"model": "tiny", "messages": {hi}, "max_tokens": "ten"}}"#), "invalid JSON"),
+        (format!(r#"{{"model": "tiny", "messages": {hi}, "max_tokens": -5}}"#), "max_tokens"),
+        (format!(r#"{{"model": "tiny", "messages": {hi}, "max_tokens": 1000000000000}}"#), "max_tokens"),
+        (r#"{"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}"#.to_string(), "role"),
+        (r#"{"model": "tiny", "messages": []}"#.to_string(), "messages"),
+    ];
+    for (body, needle) in cases {
+        expect_error(&s, 400, Bytes::from(body), chat, needle).await;
+    }
     let long = "once upon a time ".repeat(100);
     expect_error(
         &s,

@@ -17,13 +17,15 @@ out = {"openai_version": openai.__version__}
 
 out["models"] = [m.id for m in client.models.list().data]
 
-chat = client.chat.completions.create(
+# The same greedy chat request, asked whole and then streamed: the two must agree.
+hello = dict(
     model=model,
     messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}],
     max_tokens=8,
     temperature=0,
     seed=1,
 )
+chat = client.chat.completions.create(**hello)
 out["chat"] = {
     "content": chat.choices[0].message.content,
     "role": chat.choices[0].message.role,
@@ -33,15 +35,7 @@ out["chat"] = {
 }
 
 pieces, finish, usage, chunks = [], None, None, 0
-stream = client.chat.completions.create(
-    model=model,
-    messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}],
-    max_tokens=8,
-    temperature=0,
-    seed=1,
-    stream=True,
-    stream_options={"include_usage": True},
-)
+stream = client.chat.completions.create(**hello, stream=True, stream_options={"include_usage": True})
 for chunk in stream:
     chunks += 1
     if chunk.usage is not None:
