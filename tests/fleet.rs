@@ -142,7 +142,7 @@ async fn nginx_balances_two_nodes_and_survives_one_dying() {
 }
 
 /// The soak: `n` streaming requests at concurrency 64 through the openai plugin on the tiny
-/// model. Reports resident memory at request 2,000 (or a fifth of `n`) and at the end.
+/// model. Reports resident memory at request 2,000 (or a third of a shorter soak) and at the end.
 async fn soak(n: usize) -> (Vec<Outcome>, u64, u64, Node) {
     let node = spawn_node(&format!("soak-{n}"), 64, "");
     node.wait_ready().await;
