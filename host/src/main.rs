@@ -97,12 +97,26 @@ struct HttpBenchArgs {
     /// Concurrent clients, one run each.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     concurrency: Vec<usize>,
-    /// Requests each client sends per run.
+    /// Jobs each client runs per concurrency: requests, or conversations for `chat`.
     #[arg(long, default_value_t = 4)]
     rounds: usize,
-    /// Prompt length in tokens (random ids; every request gets its own prompt).
+    /// The request pattern.
+    #[arg(long, value_enum, default_value = "distinct")]
+    workload: bench::http::Workload,
+    /// Prompt length in tokens (random ids, distinct per request); for `shared` the part
+    /// after the system prompt, for `chat` the approximate length of each question.
     #[arg(long, default_value_t = 64)]
     prompt_tokens: usize,
+    /// Length of the system prompt common to a run's requests (`shared`).
+    #[arg(long, default_value_t = 300)]
+    shared_tokens: usize,
+    /// Turns per conversation (`chat`).
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    /// Seed of the prompts; give each run of a comparison its own, so no cache from an
+    /// earlier run helps.
+    #[arg(long, default_value_t = 1000)]
+    seed: u64,
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
     /// Vocabulary size of the model, for the random prompt ids.
@@ -307,9 +321,13 @@ async fn bench_http(args: HttpBenchArgs) -> anyhow::Result<()> {
         api_key: args.api_key.clone(),
         concurrency: args.concurrency.clone(),
         rounds: args.rounds,
+        workload: args.workload,
         prompt_tokens: args.prompt_tokens,
+        shared_tokens: args.shared_tokens,
+        turns: args.turns,
         max_tokens: args.max_tokens,
         vocab: args.vocab,
+        seed: args.seed,
     };
     let json = args.json;
     let rows = bench::http::run(&cfg, |r| {
@@ -319,8 +337,13 @@ async fn bench_http(args: HttpBenchArgs) -> anyhow::Result<()> {
     })
     .await?;
     let title = format!(
-        "bench http: {} model {} (prompt {} tokens, {} generated, streamed, {} requests per client)",
-        args.url, args.model, args.prompt_tokens, args.max_tokens, args.rounds
+        "bench http: {} model {} ({} workload, prompt {} tokens, {} generated, streamed, {} jobs per client)",
+        args.url,
+        args.model,
+        args.workload.name(),
+        args.prompt_tokens,
+        args.max_tokens,
+        args.rounds
     );
     bench::print_table(&title, &rows, json);
     Ok(())

@@ -194,15 +194,21 @@ impl Collector for EngineGauges {
                 ConstGauge::new(read(model.stats())).encode(metric.encode_family(&labels)?)?;
             }
         }
-        let mut metric = encoder.encode_descriptor(
-            "flywheel_prefix_reused_tokens",
-            "Prompt tokens taken from KV state another sequence computed",
-            None,
-            MetricType::Counter,
-        )?;
-        for model in engine.models() {
-            let labels = ModelLabel { model: model.name().to_string() };
-            ConstCounter::new(model.stats().reused_tokens.load(Relaxed)).encode(metric.encode_family(&labels)?)?;
+        type Count = fn(&crate::engine::EngineStats) -> u64;
+        let counters: [(&str, &str, Count); 2] = [
+            ("flywheel_prefix_reused_tokens", "Prompt tokens taken from KV state another sequence computed", |s| {
+                s.reused_tokens.load(Relaxed)
+            }),
+            ("flywheel_preemptions", "Sequences whose KV cells were taken away because the pool ran out", |s| {
+                s.preemptions.load(Relaxed)
+            }),
+        ];
+        for (name, help, read) in counters {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for model in engine.models() {
+                let labels = ModelLabel { model: model.name().to_string() };
+                ConstCounter::new(read(model.stats())).encode(metric.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -1,9 +1,10 @@
 //! `flywheel bench http`: a load generator for any OpenAI-compatible endpoint.
 //!
-//! Each of N workers sends streaming `/v1/completions` requests one after another; every
-//! request has its own prompt (so no prefix cache helps). Reports aggregate generated
-//! tokens per second, time to first token and whole-request latency (p50/p95), time per
-//! output token, and errors.
+//! N workers each run jobs one after another: a job is one streaming request, or for the
+//! chat workload a whole conversation whose every turn resends the history plus the last
+//! answer. Prompts are fresh for every run, so no cache left by an earlier run helps.
+//! Reports aggregate generated tokens per second, time to first token and whole-request
+//! latency (p50/p95), time per output token, and errors.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,8 +13,32 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
 
 use super::{median, percentile, synthetic_prompts, LoadStats, Row};
+
+/// The request pattern of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Every request its own random token-id prompt of `prompt_tokens`.
+    Distinct,
+    /// A system prompt of `shared_tokens` common to the run's requests, then a distinct
+    /// question of `prompt_tokens`.
+    Shared,
+    /// Conversations of `turns` chat turns (`/v1/chat/completions`); each turn sends the
+    /// whole history, the last answer and a new question of about `prompt_tokens`.
+    Chat,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Distinct => "distinct",
+            Workload::Shared => "shared",
+            Workload::Chat => "chat",
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
@@ -22,18 +47,32 @@ pub struct LoadConfig {
     pub model: String,
     pub api_key: Option<String>,
     pub concurrency: Vec<usize>,
-    /// Requests per worker at each concurrency.
+    /// Jobs per worker at each concurrency (requests, or conversations for `chat`).
     pub rounds: usize,
+    pub workload: Workload,
     pub prompt_tokens: usize,
+    /// Shared system prompt length (`shared`).
+    pub shared_tokens: usize,
+    /// Turns per conversation (`chat`).
+    pub turns: usize,
     pub max_tokens: usize,
     /// Vocabulary size, for synthetic token-id prompts.
     pub vocab: usize,
+    /// Seed of the first run's prompts; each later run takes the next.
+    pub seed: u64,
+}
+
+/// What a worker sends: a single request, or a conversation of several.
+enum Job {
+    Tokens(Vec<i32>),
+    Conversation(Vec<String>),
 }
 
 struct Outcome {
     ttft: Duration,
     latency: Duration,
     tokens: usize,
+    text: String,
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -42,15 +81,16 @@ pub async fn run(cfg: &LoadConfig, mut on_row: impl FnMut(&Row)) -> anyhow::Resu
     let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
     let cfg = Arc::new(cfg.clone());
     // Warm up: one short request.
-    let warm = synthetic_prompts(1, cfg.prompt_tokens, 0, cfg.vocab, None, 1).remove(0);
-    one_request(&client, &cfg, &warm, 4).await.map_err(|e| anyhow::anyhow!("warm-up request failed: {e}"))?;
+    let warm = synthetic_prompts(1, cfg.prompt_tokens.min(64), 0, cfg.vocab, None, 1).remove(0);
+    completion(&client, &cfg, Prompt::Tokens(&warm), 4)
+        .await
+        .map_err(|e| anyhow::anyhow!("warm-up request failed: {e}"))?;
     let mut rows = Vec::new();
-    let mut seed = 1000;
+    let mut seed = cfg.seed;
     for &c in &cfg.concurrency {
-        let total = c * cfg.rounds.max(1);
         seed += 1;
-        let prompts = synthetic_prompts(total, cfg.prompt_tokens, 0, cfg.vocab, None, seed);
-        let queue = Arc::new(std::sync::Mutex::new(prompts));
+        let jobs = jobs(&cfg, c * cfg.rounds.max(1), seed);
+        let queue = Arc::new(std::sync::Mutex::new(jobs));
         let start = Instant::now();
         let mut workers = Vec::new();
         for _ in 0..c {
@@ -59,8 +99,8 @@ pub async fn run(cfg: &LoadConfig, mut on_row: impl FnMut(&Row)) -> anyhow::Resu
                 let mut results = Vec::new();
                 loop {
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
-                    let Some(prompt) = next else { break };
-                    results.push(one_request(&client, &cfg, &prompt, cfg.max_tokens).await);
+                    let Some(job) = next else { break };
+                    run_job(&client, &cfg, job, &mut results).await;
                 }
                 results
             }));
@@ -79,56 +119,120 @@ pub async fn run(cfg: &LoadConfig, mut on_row: impl FnMut(&Row)) -> anyhow::Resu
         if let Some(e) = errors.first() {
             tracing::warn!(concurrency = c, errors = errors.len(), first = %e, "requests failed");
         }
-        let tokens: usize = outcomes.iter().map(|o| o.tokens).sum();
-        let mut ttft: Vec<f64> = outcomes.iter().map(|o| o.ttft.as_secs_f64() * 1e3).collect();
-        let mut latency: Vec<f64> = outcomes.iter().map(|o| o.latency.as_secs_f64() * 1e3).collect();
-        let mut tpot: Vec<f64> = outcomes
-            .iter()
-            .filter(|o| o.tokens > 1)
-            .map(|o| (o.latency - o.ttft).as_secs_f64() * 1e3 / (o.tokens - 1) as f64)
-            .collect();
-        let row = Row {
-            bench: "http",
-            mode: "http".into(),
-            n: c,
-            prompt: cfg.prompt_tokens,
-            gen: cfg.max_tokens,
-            tok_s: tokens as f64 / wall.as_secs_f64(),
-            step_ms: median(&mut tpot),
-            ttft_ms: median(&mut ttft),
-            prefill_tokens: (outcomes.len() * cfg.prompt_tokens) as u64,
-            p50_us: None,
-            load: Some(LoadStats {
-                ttft_p95_ms: percentile(&mut ttft, 95.0),
-                latency_p50_ms: median(&mut latency),
-                latency_p95_ms: percentile(&mut latency, 95.0),
-                requests: outcomes.len() + errors.len(),
-                errors: errors.len(),
-            }),
-        };
+        let row = summarize(&cfg, c, &outcomes, errors.len(), wall);
         on_row(&row);
         rows.push(row);
     }
     Ok(rows)
 }
 
-/// One streaming completion; counts tokens from the final usage chunk.
-async fn one_request(
+fn summarize(cfg: &LoadConfig, c: usize, outcomes: &[Outcome], errors: usize, wall: Duration) -> Row {
+    let tokens: usize = outcomes.iter().map(|o| o.tokens).sum();
+    let mut ttft: Vec<f64> = outcomes.iter().map(|o| o.ttft.as_secs_f64() * 1e3).collect();
+    let mut latency: Vec<f64> = outcomes.iter().map(|o| o.latency.as_secs_f64() * 1e3).collect();
+    let mut tpot: Vec<f64> = outcomes
+        .iter()
+        .filter(|o| o.tokens > 1)
+        .map(|o| (o.latency - o.ttft).as_secs_f64() * 1e3 / (o.tokens - 1) as f64)
+        .collect();
+    let prompt = match cfg.workload {
+        Workload::Shared => cfg.shared_tokens + cfg.prompt_tokens,
+        _ => cfg.prompt_tokens,
+    };
+    Row {
+        bench: "http",
+        mode: cfg.workload.name().into(),
+        n: c,
+        prompt,
+        gen: cfg.max_tokens,
+        tok_s: tokens as f64 / wall.as_secs_f64(),
+        step_ms: median(&mut tpot),
+        ttft_ms: median(&mut ttft),
+        prefill_tokens: (outcomes.len() * prompt) as u64,
+        p50_us: None,
+        load: Some(LoadStats {
+            ttft_p95_ms: percentile(&mut ttft, 95.0),
+            latency_p50_ms: median(&mut latency),
+            latency_p95_ms: percentile(&mut latency, 95.0),
+            requests: outcomes.len() + errors,
+            errors,
+        }),
+    }
+}
+
+/// The run's jobs, fresh for `seed`.
+fn jobs(cfg: &LoadConfig, count: usize, seed: u64) -> Vec<Job> {
+    match cfg.workload {
+        Workload::Distinct => {
+            synthetic_prompts(count, cfg.prompt_tokens, 0, cfg.vocab, None, seed).into_iter().map(Job::Tokens).collect()
+        }
+        Workload::Shared => {
+            let len = cfg.shared_tokens + cfg.prompt_tokens;
+            synthetic_prompts(count, len, cfg.shared_tokens, cfg.vocab, None, seed)
+                .into_iter()
+                .map(Job::Tokens)
+                .collect()
+        }
+        Workload::Chat => {
+            // About 1.3 tokens per word with these words.
+            let words = (cfg.prompt_tokens * 3 / 4).max(1);
+            let mut text = Words::new(seed);
+            (0..count)
+                .map(|_| Job::Conversation((0..cfg.turns.max(1)).map(|_| text.sentence(words)).collect()))
+                .collect()
+        }
+    }
+}
+
+async fn run_job(client: &HttpClient, cfg: &LoadConfig, job: Job, results: &mut Vec<Result<Outcome, String>>) {
+    match job {
+        Job::Tokens(prompt) => results.push(completion(client, cfg, Prompt::Tokens(&prompt), cfg.max_tokens).await),
+        Job::Conversation(questions) => {
+            let mut messages = Vec::new();
+            for q in questions {
+                messages.push(json!({ "role": "user", "content": q }));
+                let r = completion(client, cfg, Prompt::Chat(&messages), cfg.max_tokens).await;
+                let answer = r.as_ref().map(|o| o.text.clone()).map_err(|_| ());
+                results.push(r);
+                // A failed turn ends the conversation: its history is gone.
+                let Ok(answer) = answer else { break };
+                messages.push(json!({ "role": "assistant", "content": answer }));
+            }
+        }
+    }
+}
+
+enum Prompt<'a> {
+    Tokens(&'a [i32]),
+    Chat(&'a [Value]),
+}
+
+/// One streaming request; counts tokens from the final usage chunk.
+async fn completion(
     client: &HttpClient,
     cfg: &LoadConfig,
-    prompt: &[i32],
+    prompt: Prompt<'_>,
     max_tokens: usize,
 ) -> Result<Outcome, String> {
-    let body = serde_json::json!({
+    let mut body = json!({
         "model": cfg.model,
-        "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": true,
         "ignore_eos": true,
         "stream_options": { "include_usage": true },
     });
-    let mut req = hyper::Request::post(format!("{}/v1/completions", cfg.url.trim_end_matches('/')))
+    let path = match prompt {
+        Prompt::Tokens(p) => {
+            body["prompt"] = json!(p);
+            "completions"
+        }
+        Prompt::Chat(m) => {
+            body["messages"] = json!(m);
+            "chat/completions"
+        }
+    };
+    let mut req = hyper::Request::post(format!("{}/v1/{path}", cfg.url.trim_end_matches('/')))
         .header("content-type", "application/json");
     if let Some(k) = &cfg.api_key {
         req = req.header("authorization", format!("Bearer {k}"));
@@ -145,6 +249,7 @@ async fn one_request(
     let mut ttft = None;
     let mut tokens = None;
     let mut chunks = 0usize;
+    let mut text = String::new();
     let mut buf = String::new();
     let mut done = false;
     while let Some(frame) = body.frame().await {
@@ -158,9 +263,15 @@ async fn one_request(
                 done = true;
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(payload).map_err(|e| format!("bad chunk: {e}"))?;
-            if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+            let v: Value = serde_json::from_str(payload).map_err(|e| format!("bad chunk: {e}"))?;
+            if v.get("error").is_some() {
+                return Err(format!("error event: {payload}"));
+            }
+            let choice = &v["choices"][0];
+            let piece = choice["text"].as_str().or_else(|| choice["delta"]["content"].as_str());
+            if let Some(piece) = piece.filter(|t| !t.is_empty()) {
                 chunks += 1;
+                text.push_str(piece);
                 ttft.get_or_insert_with(|| started.elapsed());
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
@@ -175,5 +286,37 @@ async fn one_request(
         ttft: ttft.ok_or("no tokens were streamed")?,
         latency: started.elapsed(),
         tokens: tokens.unwrap_or(chunks),
+        text,
     })
+}
+
+/// Deterministic plain-English questions for chat prompts.
+struct Words(u64);
+
+impl Words {
+    const LIST: [&'static str; 64] = [
+        "river", "garden", "engine", "market", "winter", "signal", "forest", "window", "letter", "silver", "bridge",
+        "harbor", "planet", "candle", "meadow", "ticket", "castle", "copper", "valley", "rocket", "pencil", "island",
+        "mirror", "basket", "thunder", "orchard", "lantern", "compass", "violin", "glacier", "pepper", "saddle",
+        "tunnel", "feather", "cabinet", "desert", "anchor", "blanket", "canyon", "marble", "village", "helmet",
+        "journal", "kettle", "ladder", "magnet", "needle", "oyster", "parrot", "quarry", "ribbon", "shadow", "tailor",
+        "umbrella", "velvet", "walnut", "yogurt", "zipper", "harvest", "circuit", "dolphin", "falcon", "granite",
+        "horizon",
+    ];
+
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % Self::LIST.len() as u64) as usize
+    }
+
+    fn sentence(&mut self, words: usize) -> String {
+        let body: Vec<&str> = (0..words).map(|_| Self::LIST[self.next()]).collect();
+        format!("Tell me about the {}?", body.join(" "))
+    }
 }

@@ -14,8 +14,9 @@ use std::time::Instant;
 use llama_cpp_2::model::LlamaModel;
 
 use super::backend::{backend, CONTEXT_CREATION};
+use super::kv::{context_params, sliding_window};
 use super::model::EngineStats;
-use super::scheduler::{context_params, Command, Scheduler};
+use super::scheduler::{Command, Scheduler};
 use super::{EngineError, ModelManifest, StepObserver};
 
 pub(crate) enum Message {
@@ -82,7 +83,15 @@ pub(crate) fn start(models: Vec<ModelSetup>, observer: Arc<dyn StepObserver>) ->
                 };
                 match ctx {
                     Ok(ctx) => {
-                        schedulers.push(Scheduler::new(&m.manifest, ctx, m.n_vocab, m.stats.clone(), observer.clone()))
+                        let n_swa = sliding_window(&m.llama);
+                        schedulers.push(Scheduler::new(
+                            &m.manifest,
+                            ctx,
+                            m.n_vocab,
+                            n_swa,
+                            m.stats.clone(),
+                            observer.clone(),
+                        ))
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

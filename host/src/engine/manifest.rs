@@ -35,6 +35,12 @@ pub struct ModelManifest {
     /// Tokens per llama.cpp batch.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
+    /// KV cells for all sequences together. Unset: `context_length x max_sequences`, one
+    /// stream per sequence. Fewer: one pool shared by every sequence (less memory, more
+    /// sequences than fit at full length); when it runs out the newest sequence is
+    /// preempted and resumes once others finish.
+    #[serde(default)]
+    pub kv_cells: Option<usize>,
     /// Chat template: a llama.cpp built-in name (`chatml`, `gemma`, `llama3`, ...) or a
     /// template text. Overrides the GGUF's `tokenizer.chat_template`.
     #[serde(default)]
@@ -122,6 +128,7 @@ impl ModelManifest {
             n_gpu_layers: 0,
             max_sequences: defaults::max_sequences(),
             batch_size: defaults::batch_size(),
+            kv_cells: None,
             chat_template: None,
             tokenizer: None,
             max_queue: None,
@@ -162,6 +169,15 @@ impl ModelManifest {
                 self.batch_size, self.max_sequences
             ));
         }
+        if let Some(cells) = self.kv_cells {
+            let full = self.context_length * self.max_sequences;
+            if cells < self.context_length || cells > full {
+                return Err(format!(
+                    "kv_cells ({cells}) must be between context_length ({}) and context_length x max_sequences ({full})",
+                    self.context_length
+                ));
+            }
+        }
         if self.max_sequences > 256 {
             return Err("max_sequences must be at most 256 (llama.cpp's limit)".into());
         }
@@ -173,9 +189,9 @@ impl ModelManifest {
         self.max_queue.unwrap_or(self.max_sequences * 4)
     }
 
-    /// Total KV cells: every sequence can reach `context_length` at once.
-    pub fn kv_cells(&self) -> usize {
-        self.context_length * self.max_sequences
+    /// Total KV cells: by default every sequence can reach `context_length` at once.
+    pub fn total_kv_cells(&self) -> usize {
+        self.kv_cells.unwrap_or(self.context_length * self.max_sequences)
     }
 
     /// Load every `*.toml` manifest in a folder, sorted by file name.

@@ -6,8 +6,10 @@
 mod backend;
 mod decode_thread;
 mod error;
+mod kv;
 mod manifest;
 mod model;
+mod prefix_cache;
 pub(crate) mod scheduler;
 mod sequence;
 mod tokenizer;
@@ -19,9 +21,9 @@ use std::time::Duration;
 
 pub use backend::{backend as backend_ref, supports_gpu_offload, CONTEXT_CREATION};
 pub use error::EngineError;
+pub use kv::context_params;
 pub use manifest::ModelManifest;
 pub use model::{EngineStats, Model, ModelInfo};
-pub use scheduler::context_params;
 pub use sequence::{Output, Sequence, Want};
 
 /// One batch the scheduler ran.

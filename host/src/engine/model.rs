@@ -55,6 +55,8 @@ pub struct EngineStats {
     /// llama.cpp batches run.
     pub steps: AtomicU64,
     pub sequences_opened: AtomicU64,
+    /// Sequences whose cells were taken away because a shared KV pool ran out.
+    pub preemptions: AtomicU64,
 }
 
 pub struct Model {

@@ -2,33 +2,36 @@
 //!
 //! Callers talk to it over a channel. Each step packs every ready sequence's tokens into
 //! one llama.cpp batch (one decode token per generating sequence first, then prompt
-//! chunks up to the batch budget), runs it, and answers each sequence whose input is
-//! complete from its own logits row. Sequences join and leave between steps.
+//! chunks up to the batch budget, in arrival order), runs it, and answers each sequence
+//! whose input is complete from its own logits row. Sequences join and leave between steps.
+//!
+//! KV layout (`kv.rs`): by default every sequence has its own stream of `context_length`
+//! cells, as in llama-server, so attention only scans that sequence's cells; a manifest
+//! with fewer `kv_cells` than that gets one pool shared by all sequences, which can run
+//! out: then the newest sequence is preempted (its state goes to host memory, and it is
+//! restored or recomputed when there is room again).
 //!
 //! Prefix reuse: a fresh prompt that starts with tokens already computed for a live
-//! sequence gets those KV cells by `seq_cp` (metadata only with a unified KV cache); one
-//! that starts like a recently closed sequence gets that sequence's KV state copied back
-//! from a host-memory cache; fresh prompts arriving in the same step that share a prefix
-//! compute it once, as batch entries tagged with several sequence ids.
-//!
-//! Closed sequences are kept in host memory rather than in KV cells because, with a
-//! unified cache, every occupied cell widens the attention window of every other
-//! sequence: 800 idle cells slowed single-stream decoding of SmolLM2 by ~15%.
+//! sequence gets a copy of those cells; one that starts like a recently closed sequence
+//! gets that sequence's KV state copied back from a host-memory cache; a fresh prompt
+//! sharing a prefix with a prompt being computed in this step waits for it, then copies.
+//! Batch entries always belong to one sequence and are sorted by sequence, so llama.cpp
+//! never splits a step further than it must and no copy takes a path that asserts.
 
 use std::collections::VecDeque;
-use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
-use llama_cpp_2::{DecodeError, LlamaStateSeqFlags, SeqState};
+use llama_cpp_2::{DecodeError, LlamaStateSeqFlags};
 use tokio::sync::oneshot;
 
+use super::kv::Layout;
 use super::model::EngineStats;
+use super::prefix_cache::{common_prefix, window_allows, PrefixCache};
 use super::{topk, EngineError, ModelManifest, Output, StepInfo, StepObserver, Want};
 
 /// What a model's callers ask of its scheduler.
@@ -36,23 +39,6 @@ pub(crate) enum Command {
     Open { reply: oneshot::Sender<Result<i32, EngineError>> },
     Feed { seq: i32, tokens: Vec<i32>, want: Want, reply: oneshot::Sender<Result<Output, EngineError>> },
     Close { seq: i32 },
-}
-
-/// Context settings shared by the scheduler and the native baseline of `bench engine`.
-pub fn context_params(m: &ModelManifest) -> LlamaContextParams {
-    let n_ctx = u32::try_from(m.kv_cells()).unwrap_or(u32::MAX);
-    let n_batch = u32::try_from(m.batch_size).unwrap_or(u32::MAX);
-    LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(n_batch)
-        .with_n_ubatch(n_batch)
-        .with_n_seq_max(seq_slots(m) as u32)
-        // One pool of cells for all sequences: shared prefixes cost nothing and any
-        // sequence may grow to context_length.
-        .with_kv_unified(true)
-        .with_n_threads(m.threads)
-        .with_n_threads_batch(m.threads)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
 }
 
 /// One sequence id per open sequence.
@@ -68,17 +54,32 @@ struct Feed {
 struct Live {
     /// Tokens whose KV cells exist, at positions 0..len.
     history: Vec<i32>,
-    /// Tokens of the current feed not yet computed.
+    /// Tokens not yet computed: the current feed's, after any that a preemption took
+    /// out of the cells.
     pending: Vec<i32>,
     feed: Option<Feed>,
     /// When this sequence's last feed was answered, until its next command arrives.
     answered_at: Option<Instant>,
-    /// The current feed has not yet looked for a reusable prefix.
+    /// The sequence holds no cells and has not yet looked for a reusable prefix.
     fresh: bool,
-    /// History length when the current feed was accepted: a failed feed rolls back to it.
+    /// Position where the current feed's tokens start: a failed feed rolls back to it.
     feed_start: usize,
     /// The current feed is one generated token (a decode), not a prompt or its last chunk.
     decoding: bool,
+    /// Open order: the newest sequence is the one preempted.
+    opened: u64,
+}
+
+impl Live {
+    /// Common prefix of `prompt` with what this sequence holds and will hold once its
+    /// pending tokens are computed.
+    fn future_prefix(&self, prompt: &[i32]) -> usize {
+        let done = common_prefix(&self.history, prompt);
+        if done < self.history.len() {
+            return done;
+        }
+        done + common_prefix(&self.pending, &prompt[done..])
+    }
 }
 
 enum Slot {
@@ -86,57 +87,45 @@ enum Slot {
     Live(Live),
 }
 
-/// A closed sequence's tokens and KV state, kept in host memory for prefix reuse.
-struct CachedPrefix {
-    tokens: Vec<i32>,
-    state: SeqState,
-    last_used: u64,
-}
-
-/// Where a reusable prefix comes from.
-enum PrefixSource {
-    Live(i32),
-    Cached(usize),
-}
-
-/// One batch entry: a token at a position, computed for one or more sequences.
-struct Entry {
-    token: i32,
-    pos: i32,
-    seqs: Vec<i32>,
-    logits: bool,
-}
-
 /// What one sequence gets from a step.
 struct Planned {
     seq: i32,
-    /// Leading pending tokens computed by another sequence's entries in this step.
-    shared: usize,
-    /// Own pending tokens in this step.
+    /// Pending tokens computed in this step.
     own: usize,
-    /// Batch index of the row that answers the feed, when the feed completes in this step.
-    answer_row: Option<usize>,
+    /// The feed completes in this step (its last token's row answers it).
+    completes: bool,
     prefill: bool,
+}
+
+/// One batch entry: a token at a position of one sequence.
+struct Entry {
+    token: i32,
+    pos: i32,
+    seq: i32,
+    logits: bool,
 }
 
 pub(crate) struct Scheduler<'m> {
     name: String,
     ctx: LlamaContext<'m>,
+    layout: Layout,
     batch: LlamaBatch<'static>,
     n_vocab: usize,
     n_batch: usize,
     context_length: usize,
-    cache: Vec<CachedPrefix>,
-    cache_budget: usize,
-    cache_min_tokens: usize,
+    /// Sliding attention window (0: none); limits which prefixes can be reused.
+    n_swa: usize,
+    cache: PrefixCache,
     min_shared_prefix: usize,
     max_batch_wait: Duration,
     slots: Vec<Slot>,
     /// Sequences with work, in arrival order (fairness for prompt chunks).
     queue: VecDeque<i32>,
+    /// Prompts that found no free cells in this step; they wait for the next one.
+    held: Vec<i32>,
     stats: Arc<EngineStats>,
     observer: Arc<dyn StepObserver>,
-    clock: u64,
+    opens: u64,
     last_step_end: Instant,
     last_step_time: Duration,
 }
@@ -146,6 +135,7 @@ impl<'m> Scheduler<'m> {
         m: &ModelManifest,
         ctx: LlamaContext<'m>,
         n_vocab: usize,
+        n_swa: usize,
         stats: Arc<EngineStats>,
         observer: Arc<dyn StepObserver>,
     ) -> Self {
@@ -154,21 +144,24 @@ impl<'m> Scheduler<'m> {
         Self {
             name: m.name.clone(),
             ctx,
-            // Each token may belong to every sequence (a prefix shared by all).
-            batch: LlamaBatch::new(n_batch, slots as i32),
+            layout: Layout::of(m),
+            batch: LlamaBatch::new(n_batch, 1),
             n_vocab,
             n_batch,
             context_length: m.context_length,
-            cache: Vec::new(),
-            cache_budget: m.prefix_cache_mb.saturating_mul(1 << 20),
-            cache_min_tokens: m.prefix_cache_min_tokens.max(m.min_shared_prefix).max(1),
+            n_swa,
+            cache: PrefixCache::new(
+                m.prefix_cache_mb.saturating_mul(1 << 20),
+                m.prefix_cache_min_tokens.max(m.min_shared_prefix),
+            ),
             min_shared_prefix: m.min_shared_prefix.max(1),
             max_batch_wait: Duration::from_micros(m.max_batch_wait_us),
             slots: (0..slots).map(|_| Slot::Free).collect(),
             queue: VecDeque::new(),
+            held: Vec::new(),
             stats,
             observer,
-            clock: 0,
+            opens: 0,
             last_step_end: Instant::now(),
             last_step_time: Duration::ZERO,
         }
@@ -216,12 +209,14 @@ impl<'m> Scheduler<'m> {
 
     fn open(&mut self) -> Result<i32, EngineError> {
         // Admission control keeps open sequences within the slots (and an open whose caller
-        // is gone frees its slot at once), so one is free.
+        // is gone frees its slot at once), so one is free. The lowest free id keeps the ids
+        // in a step contiguous, which llama.cpp needs to run it as one batch.
         let free = self
             .slots
             .iter()
             .position(|s| matches!(s, Slot::Free))
             .ok_or_else(|| EngineError::KvCacheFull { model: self.name.clone() })?;
+        self.opens += 1;
         self.slots[free] = Slot::Live(Live {
             history: Vec::new(),
             pending: Vec::new(),
@@ -230,6 +225,7 @@ impl<'m> Scheduler<'m> {
             fresh: true,
             feed_start: 0,
             decoding: false,
+            opened: self.opens,
         });
         Ok(free as i32)
     }
@@ -252,6 +248,7 @@ impl<'m> Scheduler<'m> {
             }
         };
         live.answered_at = None;
+        let held = live.history.len() + live.pending.len();
         let check = if live.feed.is_some() {
             Err(EngineError::InvalidArgument("a feed is already in progress".into()))
         } else if tokens.is_empty() {
@@ -259,8 +256,8 @@ impl<'m> Scheduler<'m> {
         } else if let Some(&token) = tokens.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
             // Also checked by the caller: an out-of-range id would abort the process in llama.cpp.
             Err(EngineError::InvalidToken { token, vocab: n_vocab })
-        } else if live.history.len() + tokens.len() > limit {
-            Err(EngineError::ContextFull { requested: live.history.len() + tokens.len(), limit })
+        } else if held + tokens.len() > limit {
+            Err(EngineError::ContextFull { requested: held + tokens.len(), limit })
         } else {
             Ok(())
         };
@@ -270,9 +267,9 @@ impl<'m> Scheduler<'m> {
             return Err(EngineError::InvalidArgument(msg));
         }
         live.fresh = live.history.is_empty();
-        live.feed_start = live.history.len();
-        live.decoding = tokens.len() == 1 && !live.history.is_empty();
-        live.pending = tokens;
+        live.feed_start = held;
+        live.decoding = tokens.len() == 1 && !live.history.is_empty() && live.pending.is_empty();
+        live.pending.extend_from_slice(&tokens);
         live.feed = Some(Feed { want, reply });
         self.queue.push_back(seq);
         Ok(())
@@ -283,48 +280,23 @@ impl<'m> Scheduler<'m> {
         let Slot::Live(live) = std::mem::replace(slot, Slot::Free) else { return };
         self.queue.retain(|&s| s != seq);
         self.stats.kv_tokens.fetch_sub(live.history.len(), Ordering::Relaxed);
-        if self.cache_budget > 0 && live.history.len() >= self.cache_min_tokens {
-            self.cache_state(seq, live.history);
-        }
+        self.save_state(seq, live.history);
         self.remove_cells(seq);
     }
 
-    /// Copy a closing sequence's KV state to the host-memory cache, unless a cached entry
-    /// already covers it.
-    fn cache_state(&mut self, seq: i32, tokens: Vec<i32>) {
-        if let Some(c) = self.cache.iter_mut().find(|c| c.tokens.len() >= tokens.len() && c.tokens.starts_with(&tokens))
-        {
-            self.clock += 1;
-            c.last_used = self.clock;
+    /// Copy a sequence's KV state to the host-memory cache, unless it is too short to be
+    /// worth it or a cached entry already covers it.
+    fn save_state(&mut self, seq: i32, tokens: Vec<i32>) {
+        if !self.cache.wants(tokens.len()) || self.cache.covers(&tokens) {
             return;
         }
-        let state = match self.ctx.state_seq_get(seq, LlamaStateSeqFlags::empty()) {
-            Ok(state) => state,
-            Err(e) => {
-                tracing::warn!(model = %self.name, seq, error = %e, "cannot cache sequence state");
-                return;
-            }
-        };
-        if state.byte_len() > self.cache_budget {
-            return;
+        let pos_min = self.ctx.kv_cache_seq_pos_min(seq);
+        match self.ctx.state_seq_get(seq, LlamaStateSeqFlags::empty()) {
+            Ok(state) => self.cache.insert(tokens, state, pos_min),
+            Err(e) => tracing::warn!(model = %self.name, seq, error = %e, "cannot cache sequence state"),
         }
-        // Entries this one extends are now redundant.
-        self.cache.retain(|c| !tokens.starts_with(&c.tokens));
-        self.clock += 1;
-        self.cache.push(CachedPrefix { tokens, state, last_used: self.clock });
-        while self.cache_bytes() > self.cache_budget {
-            let oldest = self.cache.iter().enumerate().min_by_key(|(_, c)| c.last_used).map(|(i, _)| i);
-            match oldest {
-                Some(i) => drop(self.cache.swap_remove(i)),
-                None => break,
-            }
-        }
-        self.stats.cached_bytes.store(self.cache_bytes(), Ordering::Relaxed);
+        self.stats.cached_bytes.store(self.cache.bytes(), Ordering::Relaxed);
         self.stats.cached_prefixes.store(self.cache.len(), Ordering::Relaxed);
-    }
-
-    fn cache_bytes(&self) -> usize {
-        self.cache.iter().map(|c| c.state.byte_len()).sum()
     }
 
     fn remove_cells(&mut self, seq: i32) {
@@ -333,19 +305,54 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    fn live(&mut self, seq: i32) -> Option<&mut Live> {
+    fn live(&self, seq: i32) -> Option<&Live> {
+        match self.slots.get(seq as usize) {
+            Some(Slot::Live(l)) => Some(l),
+            _ => None,
+        }
+    }
+
+    fn live_mut(&mut self, seq: i32) -> Option<&mut Live> {
         match self.slots.get_mut(seq as usize) {
             Some(Slot::Live(l)) => Some(l),
             _ => None,
         }
     }
 
-    /// Give a fresh prompt the longest prefix already computed: a live sequence's cells
-    /// (shared by `seq_cp`) or a closed sequence's cached state (copied back). Returns the
-    /// number of tokens taken over.
+    fn lives(&self) -> impl Iterator<Item = (i32, &Live)> {
+        self.slots.iter().enumerate().filter_map(|(i, s)| match s {
+            Slot::Live(l) => Some((i as i32, l)),
+            Slot::Free => None,
+        })
+    }
+
+    /// Whether fresh `seq` should wait for a prompt being computed in this step (one of
+    /// `leaders`) that will give it a longer prefix than anything computed so far.
+    fn waits_for_leader(&self, seq: i32, leaders: &[i32]) -> bool {
+        let Some(live) = self.live(seq) else { return false };
+        let prompt = &live.pending;
+        if prompt.len() < 2 || leaders.is_empty() {
+            return false;
+        }
+        let cap = prompt.len() - 1;
+        let now = self
+            .lives()
+            .filter(|&(s, _)| s != seq)
+            .map(|(_, l)| common_prefix(&l.history, prompt))
+            .chain(self.cache.best_match(prompt, cap, 0, self.n_swa).map(|(_, n)| n))
+            .max()
+            .unwrap_or(0)
+            .min(cap);
+        let later =
+            leaders.iter().filter_map(|&s| self.live(s)).map(|l| l.future_prefix(prompt)).max().unwrap_or(0).min(cap);
+        later >= now + self.min_shared_prefix
+    }
+
+    /// Give a fresh prompt the longest prefix already computed: a live sequence's cells or
+    /// a closed sequence's cached state, copied into its own. Returns the tokens taken over.
     fn reuse_prefix(&mut self, seq: i32) -> usize {
         let min = self.min_shared_prefix;
-        let Some(live) = self.live(seq) else { return 0 };
+        let Some(live) = self.live_mut(seq) else { return 0 };
         live.fresh = false;
         if !live.history.is_empty() || live.pending.len() < 2 {
             return 0;
@@ -353,35 +360,19 @@ impl<'m> Scheduler<'m> {
         // Keep at least one token to compute: its row answers the feed.
         let cap = live.pending.len() - 1;
         let prompt = std::mem::take(&mut live.pending);
-        let mut best: Option<(PrefixSource, usize)> = None;
-        let mut consider = |source: PrefixSource, tokens: &[i32]| {
-            let n = common_prefix(tokens, &prompt).min(cap);
-            if n >= min && best.as_ref().is_none_or(|(_, b)| n > *b) {
-                best = Some((source, n));
-            }
+        let from_live = self
+            .lives()
+            .filter(|&(s, _)| s != seq)
+            .map(|(s, l)| (s, common_prefix(&l.history, &prompt).min(cap)))
+            .filter(|&(s, n)| n >= min && window_allows(n, self.ctx.kv_cache_seq_pos_min(s), self.n_swa))
+            .max_by_key(|&(_, n)| n);
+        let from_cache = self.cache.best_match(&prompt, cap, min, self.n_swa);
+        let reused = match (from_live, from_cache) {
+            (Some((src, n)), cached) if cached.is_none_or(|(_, c)| n >= c) => self.copy_live(src, seq, n),
+            (_, Some((i, n))) => self.restore_cached(i, seq, n),
+            _ => 0,
         };
-        for (i, slot) in self.slots.iter().enumerate() {
-            if let Slot::Live(l) = slot {
-                if i as i32 != seq {
-                    consider(PrefixSource::Live(i as i32), &l.history);
-                }
-            }
-        }
-        for (i, c) in self.cache.iter().enumerate() {
-            consider(PrefixSource::Cached(i), &c.tokens);
-        }
-        let reused = match best {
-            Some((PrefixSource::Live(src), n)) => match self.ctx.copy_kv_cache_seq(src, seq, None, Some(n as u32)) {
-                Ok(()) => n,
-                Err(e) => {
-                    tracing::warn!(model = %self.name, seq, error = %e, "prefix copy failed; computing it");
-                    0
-                }
-            },
-            Some((PrefixSource::Cached(i), n)) => self.restore_cached(i, seq, n),
-            None => 0,
-        };
-        if let Some(live) = self.live(seq) {
+        if let Some(live) = self.live_mut(seq) {
             live.history.extend_from_slice(&prompt[..reused]);
             live.pending = prompt[reused..].to_vec();
         }
@@ -392,18 +383,28 @@ impl<'m> Scheduler<'m> {
         reused
     }
 
+    fn copy_live(&mut self, src: i32, dst: i32, n: usize) -> usize {
+        match self.layout.copy_prefix(&mut self.ctx, src, dst, n) {
+            Ok(()) => n,
+            Err(e) => {
+                tracing::warn!(model = %self.name, seq = dst, error = %e, "prefix copy failed; computing it");
+                self.remove_cells(dst);
+                0
+            }
+        }
+    }
+
     /// Load cached entry `i` into `seq` and keep its first `n` tokens.
     fn restore_cached(&mut self, i: usize, seq: i32, n: usize) -> usize {
-        self.clock += 1;
-        let entry = &mut self.cache[i];
-        entry.last_used = self.clock;
-        let restored = self.ctx.state_seq_set(&entry.state, seq).map_err(|e| e.to_string()).and_then(|()| {
+        let Some(state) = self.cache.take_use(i) else { return 0 };
+        let restored = self.ctx.state_seq_set(state, seq).map_err(|e| e.to_string()).and_then(|()| {
             self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(n as u32), None).map(|_| ()).map_err(|e| e.to_string())
         });
         match restored {
             Ok(()) => n,
             Err(e) => {
-                tracing::warn!(model = %self.name, seq, error = %e, "cached prefix restore failed; computing it");
+                // In a shared pool this is also how a full cache shows: compute instead.
+                tracing::debug!(model = %self.name, seq, error = %e, "cached prefix not restored; computing it");
                 self.remove_cells(seq);
                 0
             }
@@ -411,127 +412,162 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Plan one batch: decode tokens first, then prompt chunks in arrival order.
-    fn plan(&mut self, entries: &mut Vec<Entry>) -> Vec<Planned> {
+    fn plan(&mut self) -> Vec<Planned> {
+        let order: Vec<i32> = self.queue.iter().copied().filter(|s| !self.held.contains(s)).collect();
         let mut planned = Vec::new();
-        let order: Vec<i32> = self.queue.iter().copied().collect();
-        // Decode tokens: one per generating sequence.
+        let mut budget = self.n_batch;
         for &seq in &order {
-            let Some(live) = self.live(seq) else { continue };
-            if live.decoding {
-                entries.push(Entry {
-                    token: live.pending[0],
-                    pos: live.history.len() as i32,
-                    seqs: vec![seq],
-                    logits: true,
-                });
-                planned.push(Planned { seq, shared: 0, own: 1, answer_row: Some(entries.len() - 1), prefill: false });
+            if self.live(seq).is_some_and(|l| l.decoding) {
+                planned.push(Planned { seq, own: 1, completes: true, prefill: false });
+                budget -= 1;
             }
         }
-        // Fresh prompts started in this step, for in-step sharing: (seq, first entry index, tokens).
-        let mut leaders: Vec<(i32, usize, Vec<i32>)> = Vec::new();
+        // Prompts computed in this step, which fresh prompts sharing a prefix wait for.
+        let mut leaders: Vec<i32> = Vec::new();
         for &seq in &order {
-            if entries.len() >= self.n_batch {
+            if budget == 0 {
                 break;
             }
             let Some(live) = self.live(seq) else { continue };
             if live.decoding {
-                continue; // a decode token, already planned
+                continue;
             }
             if live.fresh {
+                if self.waits_for_leader(seq, &leaders) {
+                    continue;
+                }
                 self.reuse_prefix(seq);
             }
             let Some(live) = self.live(seq) else { continue };
-            let start = live.history.len();
-            let pending = live.pending.clone();
-            let mut shared = 0;
-            if start == 0 {
-                // Share the longest prefix another fresh prompt computes in this step.
-                let cap = pending.len() - 1;
-                let best = leaders
-                    .iter()
-                    .map(|(_, first, toks)| (*first, common_prefix(toks, &pending).min(cap)))
-                    .max_by_key(|&(_, n)| n);
-                if let Some((first, n)) = best.filter(|&(_, n)| n >= self.min_shared_prefix) {
-                    for e in &mut entries[first..first + n] {
-                        e.seqs.push(seq);
-                    }
-                    shared = n;
-                }
+            let own = live.pending.len().min(budget);
+            if own == 0 {
+                continue;
             }
-            let room = self.n_batch - entries.len();
-            let own = (pending.len() - shared).min(room);
-            let first = entries.len();
-            for (i, &token) in pending[shared..shared + own].iter().enumerate() {
-                entries.push(Entry { token, pos: (start + shared + i) as i32, seqs: vec![seq], logits: false });
-            }
-            let completes = shared + own == pending.len();
-            if completes {
-                if let Some(e) = entries.last_mut() {
-                    e.logits = true;
-                }
-            }
-            if start == 0 && shared == 0 && own > 0 {
-                leaders.push((seq, first, pending[..own].to_vec()));
-            }
-            planned.push(Planned { seq, shared, own, answer_row: completes.then(|| entries.len() - 1), prefill: true });
+            budget -= own;
+            planned.push(Planned { seq, own, completes: own == live.pending.len(), prefill: true });
+            leaders.push(seq);
         }
+        // Sorted by sequence id, so llama.cpp can run the sequences side by side.
+        planned.sort_by_key(|p| p.seq);
         planned
+    }
+
+    /// The batch entries of a plan, sequence by sequence; answer rows in plan order.
+    fn entries(&self, planned: &[Planned]) -> (Vec<Entry>, Vec<Option<usize>>) {
+        let mut entries = Vec::with_capacity(self.n_batch);
+        let mut rows = Vec::with_capacity(planned.len());
+        for p in planned {
+            let Some(live) = self.live(p.seq) else {
+                rows.push(None);
+                continue;
+            };
+            let start = live.history.len();
+            for (i, &token) in live.pending[..p.own].iter().enumerate() {
+                let last = i + 1 == p.own;
+                entries.push(Entry { token, pos: (start + i) as i32, seq: p.seq, logits: last && p.completes });
+            }
+            rows.push(p.completes.then(|| entries.len() - 1));
+        }
+        (entries, rows)
     }
 
     pub(crate) fn step(&mut self) {
         let started = Instant::now();
-        let mut entries = Vec::with_capacity(self.n_batch);
-        let mut planned = self.plan(&mut entries);
-        if entries.is_empty() {
-            // Only possible if every queued sequence vanished; drop stale queue entries.
-            self.queue.retain(|&s| matches!(self.slots.get(s as usize), Some(Slot::Live(l)) if l.feed.is_some()));
-            return;
-        }
-        let mut result = self.decode(&entries);
-        // Out of KV cells: give up on the prompts in this step, then on everyone.
-        if matches!(result, Err(DecodeError::NoKvCacheSlot)) {
-            let prefills: Vec<i32> = planned.iter().filter(|p| p.prefill).map(|p| p.seq).collect();
-            if !prefills.is_empty() && prefills.len() < planned.len() {
-                for &seq in &prefills {
-                    self.fail(seq, EngineError::KvCacheFull { model: self.name.clone() });
+        self.held.clear();
+        // Each retry holds prompts back or preempts a sequence, so this ends.
+        let mut retries = 2 * self.slots.len() + 2;
+        let (planned, entries, rows) = loop {
+            let planned = self.plan();
+            if planned.is_empty() {
+                // Every queued sequence vanished or waits for cells.
+                let slots = &self.slots;
+                self.queue.retain(|&s| matches!(slots.get(s as usize), Some(Slot::Live(l)) if l.feed.is_some()));
+                return;
+            }
+            let (entries, rows) = self.entries(&planned);
+            match self.decode(&entries) {
+                Ok(()) => break (planned, entries, rows),
+                Err(DecodeError::NoKvCacheSlot) if retries > 0 && self.make_room(&planned) => retries -= 1,
+                Err(e) => {
+                    let err = match e {
+                        DecodeError::NoKvCacheSlot => EngineError::KvCacheFull { model: self.name.clone() },
+                        other => EngineError::Decode(other.to_string()),
+                    };
+                    tracing::error!(model = %self.name, error = %err, tokens = entries.len(), "decode failed");
+                    for p in &planned {
+                        self.fail(p.seq, clone_error(&err, &self.name));
+                    }
+                    return;
                 }
-                planned.retain(|p| !p.prefill);
-                entries.retain(|e| !e.seqs.iter().any(|s| prefills.contains(s)));
-                result = self.decode(&entries);
             }
-        }
-        if let Err(e) = result {
-            let err = match e {
-                DecodeError::NoKvCacheSlot => EngineError::KvCacheFull { model: self.name.clone() },
-                other => EngineError::Decode(other.to_string()),
-            };
-            tracing::error!(model = %self.name, error = %err, tokens = entries.len(), "decode failed");
-            for p in &planned {
-                self.fail(p.seq, clone_error(&err, &self.name));
-            }
-            return;
-        }
-        self.finish(&planned, &entries);
+        };
+        self.finish(&planned, &rows);
         let now = Instant::now();
         self.last_step_time = now - started;
         self.last_step_end = now;
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        let decode_tokens = planned.iter().filter(|p| !p.prefill).count();
-        let prefill_tokens = planned.iter().filter(|p| p.prefill).map(|p| p.own).sum();
         let info = StepInfo {
             tokens: entries.len(),
             sequences: planned.len(),
-            decode_tokens,
-            prefill_tokens,
+            decode_tokens: planned.iter().filter(|p| !p.prefill).count(),
+            prefill_tokens: planned.iter().filter(|p| p.prefill).map(|p| p.own).sum(),
             duration: self.last_step_time,
         };
         self.observer.on_step(&self.name, &info);
     }
 
+    /// The cells ran out for a planned step. Prompts wait first (new work never pushes out
+    /// old); when decodes alone do not fit, or prompts wait with nothing else to run, the
+    /// newest sequence holding cells is preempted. False when nothing can be done.
+    fn make_room(&mut self, planned: &[Planned]) -> bool {
+        let prompts: Vec<i32> = planned.iter().filter(|p| p.prefill).map(|p| p.seq).collect();
+        if !prompts.is_empty() {
+            self.held.extend(&prompts);
+            if planned.iter().any(|p| !p.prefill) {
+                return true;
+            }
+        }
+        // The oldest waiting prompt must not preempt itself.
+        let keep = prompts.iter().filter_map(|&s| self.live(s).map(|l| (l.opened, s))).min().map(|(_, s)| s);
+        let victim = self
+            .lives()
+            .filter(|&(s, l)| !l.history.is_empty() && Some(s) != keep)
+            .max_by_key(|(_, l)| l.opened)
+            .map(|(s, _)| s);
+        match victim {
+            Some(v) => {
+                self.preempt(v);
+                // Waiting prompts may fit now; the victim itself resumes in a later step.
+                self.held.clear();
+                self.held.push(v);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Take a sequence's cells away: its state goes to the host cache (when worth keeping)
+    /// and its tokens become pending again, restored or recomputed at its next turn.
+    fn preempt(&mut self, seq: i32) {
+        let Some(live) = self.live_mut(seq) else { return };
+        let history = std::mem::take(&mut live.history);
+        let mut pending = history.clone();
+        pending.append(&mut live.pending);
+        live.pending = pending;
+        live.fresh = true;
+        live.decoding = false;
+        let held = history.len();
+        tracing::debug!(model = %self.name, seq, tokens = held, "preempted");
+        self.save_state(seq, history);
+        self.remove_cells(seq);
+        self.stats.kv_tokens.fetch_sub(held, Ordering::Relaxed);
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn decode(&mut self, entries: &[Entry]) -> Result<(), DecodeError> {
         self.batch.clear();
         for e in entries {
-            if let Err(err) = self.batch.add(LlamaToken(e.token), e.pos, &e.seqs, e.logits) {
+            if let Err(err) = self.batch.add(LlamaToken(e.token), e.pos, &[e.seq], e.logits) {
                 return Err(DecodeError::Unknown(match err {
                     llama_cpp_2::llama_batch::BatchAddError::InsufficientSpace(n) => n as i32,
                     llama_cpp_2::llama_batch::BatchAddError::EmptyBuffer => -1,
@@ -540,43 +576,38 @@ impl<'m> Scheduler<'m> {
         }
         let r = self.ctx.decode(&mut self.batch);
         if r.is_err() {
-            // Compute errors may leave part of the batch applied: trim every touched sequence
-            // back to what its history says.
-            for e in entries {
-                for &s in &e.seqs {
-                    let keep = match self.slots.get(s as usize) {
-                        Some(Slot::Live(l)) => l.history.len(),
-                        _ => 0,
-                    };
-                    let _ = self.ctx.clear_kv_cache_seq(Some(s as u32), Some(keep as u32), None);
-                }
+            // A failure may leave part of the batch applied: trim every touched sequence back
+            // to what its history says.
+            let mut touched: Vec<i32> = entries.iter().map(|e| e.seq).collect();
+            touched.dedup();
+            for s in touched {
+                let keep = self.live(s).map_or(0, |l| l.history.len());
+                let _ = self.ctx.clear_kv_cache_seq(Some(s as u32), Some(keep as u32), None);
             }
         }
         r
     }
 
     /// Record what the step computed and answer every completed feed.
-    fn finish(&mut self, planned: &[Planned], entries: &[Entry]) {
+    fn finish(&mut self, planned: &[Planned], rows: &[Option<usize>]) {
         let now = Instant::now();
-        for p in planned {
+        for (p, row) in planned.iter().zip(rows) {
             let Some(Slot::Live(live)) = self.slots.get_mut(p.seq as usize) else {
                 continue;
             };
-            let advanced = p.shared + p.own;
-            live.history.extend(live.pending.drain(..advanced));
-            self.stats.kv_tokens.fetch_add(advanced, Ordering::Relaxed);
+            live.history.extend(live.pending.drain(..p.own));
+            self.stats.kv_tokens.fetch_add(p.own, Ordering::Relaxed);
             if p.prefill {
                 self.stats.prefill_tokens.fetch_add(p.own as u64, Ordering::Relaxed);
-                self.stats.reused_tokens.fetch_add(p.shared as u64, Ordering::Relaxed);
             } else {
                 self.stats.decode_tokens.fetch_add(1, Ordering::Relaxed);
             }
-            let Some(row) = p.answer_row else { continue };
+            let Some(row) = *row else { continue };
             let Some(feed) = live.feed.take() else {
                 continue;
             };
             live.answered_at = Some(now);
-            debug_assert!(entries[row].logits);
+            live.decoding = false;
             let logits = self.ctx.get_logits_ith(row as i32);
             let out = match feed.want {
                 Want::Logits => Output::Logits(logits.to_vec()),
@@ -595,13 +626,15 @@ impl<'m> Scheduler<'m> {
     fn fail(&mut self, seq: i32, err: EngineError) {
         let mut dropped = 0;
         let mut keep = None;
-        if let Some(live) = self.live(seq) {
-            live.pending.clear();
+        if let Some(live) = self.live_mut(seq) {
             if live.history.len() > live.feed_start {
                 dropped = live.history.len() - live.feed_start;
                 live.history.truncate(live.feed_start);
                 keep = Some(live.feed_start);
             }
+            // Tokens before the feed that a preemption left to recompute stay pending.
+            live.pending.truncate(live.feed_start.saturating_sub(live.history.len()));
+            live.decoding = false;
             if let Some(feed) = live.feed.take() {
                 let _ = feed.reply.send(Err(err));
             }
@@ -612,10 +645,6 @@ impl<'m> Scheduler<'m> {
         }
         self.queue.retain(|&s| s != seq);
     }
-}
-
-fn common_prefix(a: &[i32], b: &[i32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 fn clone_error(e: &EngineError, model: &str) -> EngineError {
