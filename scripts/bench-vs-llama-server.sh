@@ -13,7 +13,9 @@
 # Prints one table of medians and ratios and writes every row to $BENCH_OUT/rows.jsonl.
 #
 # Settings (environment): ROUNDS (3), MODELS ("smollm2 gemma3-270m"), WORKLOADS (all),
-# CONCURRENCY ("1 4 16"), GEMMA_WORKLOADS ("distinct shared", at c=16 only), BENCH_OUT.
+# CONCURRENCY ("1 4 16"), LONG_CONCURRENCY (the same; 16 x 1,500 prompt tokens take about
+# two minutes per server here), GEMMA_WORKLOADS ("distinct shared", at c=16 only),
+# GEMMA_ROUNDS (ROUNDS), BENCH_OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -21,7 +23,9 @@ ROUNDS=${ROUNDS:-3}
 MODELS=${MODELS:-"smollm2 gemma3-270m"}
 WORKLOADS=${WORKLOADS:-"distinct shared chat long"}
 CONCURRENCY=${CONCURRENCY:-"1 4 16"}
+LONG_CONCURRENCY=${LONG_CONCURRENCY:-$CONCURRENCY}
 GEMMA_WORKLOADS=${GEMMA_WORKLOADS:-"distinct shared"}
+GEMMA_ROUNDS=${GEMMA_ROUNDS:-$ROUNDS}
 SLOTS=16
 CTX=2048
 out=${BENCH_OUT:-target/bench/vs-llama-server}
@@ -31,7 +35,8 @@ rows="$out/rows.jsonl"
 : >"$rows"
 
 bash scripts/setup.sh >&2
-FLYWHEEL_MODELS="$MODELS" bash -c 'python3 models/fetch.py $FLYWHEEL_MODELS' >&2
+# shellcheck disable=SC2086
+python3 models/fetch.py $MODELS 2>&1 | grep -v verifying >&2 || true
 cargo build --release --bin flywheel >&2
 bash scripts/build-plugins.sh >/dev/null
 llama_bin=$(bash scripts/build-llama-server.sh)
@@ -92,7 +97,7 @@ load() {
   local name=$1 model=$2 port=$3 round=$4 workload=$5 c=$6
   local jobs=$((c == 1 ? 4 : 1)) args=(--workload "$workload")
   case "$workload" in
-    long) args=(--workload distinct --prompt-tokens 1500) ;;
+    long) args=(--workload distinct --prompt-tokens 1500); jobs=$((c == 1 ? 2 : 1)) ;;
     chat) jobs=1 ;;
   esac
   # The same prompts for both servers in a round, fresh ones every round.
@@ -106,7 +111,7 @@ for line in sys.stdin:
     if line.startswith("{"):
         row = json.loads(line); row.update(tag); print(json.dumps(row))
 ' "$name" "$model" "$round" "$workload" >>"$rows"
-  tail -n 1 "$rows" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print(f"  {r[\"server\"]:<12} {r[\"model\"]:<12} round {r[\"round\"]} {r[\"workload\"]:<8} c={r[\"n\"]:<3} {r[\"tok_s\"]:7.1f} tok/s  ttft p50 {r[\"ttft_ms\"]:8.1f} ms  errors {r[\"errors\"]}")' >&2
+  tail -n 1 "$rows" | python3 -c 'import json, sys; r = json.loads(sys.stdin.read()); print("  %-12s %-12s round %d %-8s c=%-3d %7.1f tok/s  ttft p50 %8.1f ms  errors %d" % (r["server"], r["model"], r["round"], r["workload"], r["n"], r["tok_s"], r["ttft_ms"], r["errors"]))' >&2
 }
 
 peak_rss_row() { # NAME MODEL ROUND
@@ -117,8 +122,9 @@ peak_rss_row() { # NAME MODEL ROUND
 
 for model in $MODELS; do
   workloads=$WORKLOADS; concs=$CONCURRENCY
-  if [ "$model" = gemma3-270m ]; then workloads=$GEMMA_WORKLOADS; concs=16; fi
-  for round in $(seq 1 "$ROUNDS"); do
+  rounds=$ROUNDS
+  if [ "$model" = gemma3-270m ]; then workloads=$GEMMA_WORKLOADS; concs=16; rounds=$GEMMA_ROUNDS; fi
+  for round in $(seq 1 "$rounds"); do
     order="flywheel llama-server"
     if [ $((round % 2)) -eq 0 ]; then order="llama-server flywheel"; fi
     for name in $order; do
@@ -126,7 +132,9 @@ for model in $MODELS; do
       echo "round $round: $name serving $model on port $port" >&2
       start_server "$name" "$model" "$port"
       for w in $workloads; do
-        for c in $concs; do
+        cs=$concs
+        if [ "$w" = long ] && [ "$model" != gemma3-270m ]; then cs=$LONG_CONCURRENCY; fi
+        for c in $cs; do
           load "$name" "$model" "$port" "$round" "$w" "$c"
         done
       done

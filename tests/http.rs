@@ -232,6 +232,10 @@ async fn health_readiness_metrics_and_request_ids() {
         r#"flywheel_generated_tokens_total{model="tiny"}"#,
         "flywheel_batch_tokens_bucket",
         "flywheel_batch_sequences_bucket",
+        "flywheel_batch_duration_seconds_bucket",
+        r#"flywheel_prefill_tokens_total{model="tiny"}"#,
+        r#"flywheel_prefix_reused_tokens_total{model="tiny"}"#,
+        r#"flywheel_preemptions_total{model="tiny"} 0"#,
         r#"flywheel_sequence_queue_depth{model="tiny"}"#,
         r#"flywheel_active_sequences{model="tiny"}"#,
         r#"flywheel_kv_tokens{model="tiny"}"#,
@@ -409,7 +413,10 @@ async fn http2_cleartext_is_served() {
         .http2_only(true)
         .build_http::<Full<Bytes>>();
     let req = http::Request::post(format!("{}/v1/completions", s.url))
-        .body(Full::new(Bytes::from_static(br#"{"model": "tiny", "prompt": "hi", "max_tokens": 3}"#)))
+        // ignore_eos: a sampled end-of-generation token would end it before 3 tokens.
+        .body(Full::new(Bytes::from_static(
+            br#"{"model": "tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": true}"#,
+        )))
         .unwrap();
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);

@@ -120,9 +120,9 @@ async fn every_sharing_path(m: ModelManifest) {
             drop(open.swap_remove(i));
         }
         let mut tasks = Vec::new();
-        for k in 0..closing.len() {
+        for (k, earlier) in prompts.iter().enumerate().take(closing.len()) {
             let p = if k % 2 == 0 {
-                with_prefix(&prompts[k], prompt(&model, 100 + round * 10 + k, 7))
+                with_prefix(earlier, prompt(&model, 100 + round * 10 + k, 7))
             } else {
                 prompt(&model, 200 + round * 10 + k, 30)
             };

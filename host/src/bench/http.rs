@@ -78,7 +78,9 @@ struct Outcome {
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 pub async fn run(cfg: &LoadConfig, mut on_row: impl FnMut(&Row)) -> anyhow::Result<Vec<Row>> {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
+    // A fresh connection per request: servers close idle keep-alive connections on their own
+    // schedules (llama-server after 5 s), and a request sent on one just closed fails.
+    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
     let cfg = Arc::new(cfg.clone());
     // Warm up: one short request.
     let warm = synthetic_prompts(1, cfg.prompt_tokens.min(64), 0, cfg.vocab, None, 1).remove(0);
