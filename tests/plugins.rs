@@ -223,12 +223,19 @@ async fn a_trap_mid_generation_ends_the_stream_and_frees_the_sequence() {
     let s = examples_server().await;
     let mut resp = s.open("/fn/hostile/trap-mid", "").await;
     assert_eq!(resp.status(), 200);
-    let events = read_events(&mut resp, 100).await;
-    assert_eq!(events.len(), 3, "{events:?}");
+    let events = read_events(&mut resp, 4).await;
+    // Three parts, then the host's error event; the body ends in an error, not cleanly.
+    assert_eq!(events.len(), 4, "{events:?}");
     assert!(!events.contains(&"[DONE]".to_string()));
+    let error: serde_json::Value = serde_json::from_str(&events[3]).expect("error event JSON");
+    assert_eq!(error["error"]["type"], "plugin_error", "{error}");
+    let end = http_body_util::BodyExt::frame(resp.body_mut()).await;
+    assert!(end.is_some_and(|f| f.is_err()), "the cut stream ended cleanly");
     assert!(s.wait_idle(Duration::from_secs(2)).await);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(s.metrics.encode().contains(r#"flywheel_guest_traps_total{plugin="hostile",kind="panic"} 1"#));
+    let metrics = s.metrics.encode();
+    assert!(metrics.contains(r#"flywheel_guest_traps_total{plugin="hostile",kind="panic"} 1"#));
+    assert!(metrics.contains(r#"flywheel_http_responses_cut_total{plugin="hostile",reason="panic"} 1"#), "{metrics}");
     assert_eq!(s.post("/fn/complete", r#"{"model": "tiny", "prompt": "hi", "max_tokens": 4}"#).await.status, 200);
     s.shutdown().await;
 }

@@ -64,6 +64,13 @@ impl HttpError {
         self.param = Some(param.to_string());
         self
     }
+
+    /// The error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.status }
+        })
+    }
 }
 
 impl std::fmt::Display for HttpError {

@@ -163,9 +163,7 @@ impl Responder {
 
     /// Answer with an error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
     pub fn error(self, e: &HttpError) {
-        let body = serde_json::json!({
-            "error": { "message": e.message, "type": e.kind, "param": e.param, "code": e.status }
-        });
+        let body = e.to_json();
         let mut headers = vec![("content-type", "application/json")];
         if e.status == 429 || e.status == 503 {
             // Busy, not broken: tell clients when to come back.
@@ -197,6 +195,10 @@ fn write_all(stream: &OutputStream, mut bytes: &[u8]) -> Result<(), StreamError>
 }
 
 /// A server-sent events stream. A failed send means the client went away: stop working.
+///
+/// End it with [`SseStream::done`] or [`SseStream::finish`] when it is complete, or with
+/// [`SseStream::fail`] when it is not. A stream dropped without either (the handler
+/// returned an error, or trapped) is cut by the host, so the client sees it as incomplete.
 pub struct SseStream {
     stream: Option<OutputStream>,
     body: Option<OutgoingBody>,
@@ -225,6 +227,20 @@ impl SseStream {
     pub fn done(mut self) -> Result<(), HttpError> {
         self.send_data("[DONE]")?;
         self.finish()
+    }
+
+    /// End the stream as failed: an `event: error` carrying `e` in OpenAI's error shape,
+    /// then the body is abandoned unfinished, so the host cuts the response (HTTP/1.1
+    /// closes without the final chunk, HTTP/2 resets the stream) and no client can take the
+    /// partial answer as whole.
+    pub fn fail(mut self, e: &HttpError) {
+        if let Some(stream) = self.stream.take() {
+            let event = format!("event: error\ndata: {}\n\n", e.to_json());
+            // The client may be gone already; the body is cut either way.
+            let _ = write_all(&stream, event.as_bytes());
+        }
+        // Dropped without `finish`: the host sees an aborted body.
+        self.body.take();
     }
 
     /// End the stream.

@@ -46,6 +46,31 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[serde(default = "defaults::shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Open client connections at most; past it, new ones get 503 and are closed. Unset:
+    /// sized from the process's open-file limit.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// How long a client may take to send a request's headers (the connection is closed
+    /// after); also how long an HTTP/1.1 connection may wait between requests.
+    #[serde(default = "defaults::header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// How long a connection with no request in flight and no traffic stays open.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// How long a response may wait on a client that does not read before the connection
+    /// is closed (and the plugin instance serving it is stopped).
+    #[serde(default = "defaults::write_stall_timeout_ms")]
+    pub write_stall_timeout_ms: u64,
+}
+
+/// Descriptors kept back from client connections for models, plugins, the cache and logs.
+const RESERVED_FILES: usize = 256;
+
+impl ServerConfig {
+    /// The connection cap: as configured, or what the open-file limit leaves room for.
+    pub fn connection_limit(&self) -> usize {
+        self.max_connections.unwrap_or_else(|| crate::sys::open_file_limit().saturating_sub(RESERVED_FILES).max(64))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -130,6 +155,15 @@ mod defaults {
         30_000
     }
     pub fn shutdown_grace_ms() -> u64 {
+        30_000
+    }
+    pub fn header_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn idle_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn write_stall_timeout_ms() -> u64 {
         30_000
     }
     pub fn models_dir() -> PathBuf {
@@ -235,6 +269,10 @@ impl Config {
             ("server.body_timeout_ms", s.body_timeout_ms),
             ("server.max_in_flight", s.max_in_flight as u64),
             ("server.queue_timeout_ms", s.queue_timeout_ms),
+            ("server.max_connections", s.max_connections.map_or(1, |n| n as u64)),
+            ("server.header_timeout_ms", s.header_timeout_ms),
+            ("server.idle_timeout_ms", s.idle_timeout_ms),
+            ("server.write_stall_timeout_ms", s.write_stall_timeout_ms),
             ("plugins.max_instances", u64::from(self.plugins.max_instances)),
             ("plugins.max_memory_mb", self.plugins.max_memory_mb),
         ];

@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod nn;
 pub mod plugins;
 pub mod server;
+pub mod sys;

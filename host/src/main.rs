@@ -228,6 +228,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.server.listen = listen;
     }
     init_logging(&config.log.level, config.log.format);
+    match flywheel::sys::raise_open_file_limit() {
+        Ok(limit) => tracing::info!(open_files = limit, connections = config.server.connection_limit(), "file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let server = Server::start(config).await?;

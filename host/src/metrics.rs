@@ -37,6 +37,17 @@ pub struct ModelLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CutLabels {
+    pub plugin: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrapLabels {
     pub plugin: String,
     pub kind: String,
@@ -69,6 +80,11 @@ pub struct Metrics {
     pub step_duration: Family<ModelLabel, Histogram>,
     pub instantiation: Family<PluginLabel, Histogram>,
     pub guest_traps: Family<TrapLabels, Counter>,
+    /// Responses whose body ended before it was complete, by why.
+    pub cut_responses: Family<CutLabels, Counter>,
+    pub open_connections: Gauge,
+    /// Connections the server closed or refused, by why.
+    pub connections_closed: Family<ReasonLabel, Counter>,
     /// Requests waiting for a slot in the global queue.
     pub queued_requests: Gauge,
     pub in_flight_requests: Gauge,
@@ -125,6 +141,20 @@ impl Metrics {
         );
         let guest_traps = Family::<TrapLabels, Counter>::default();
         registry.register("flywheel_guest_traps", "Guests stopped by a trap, by kind", guest_traps.clone());
+        let cut_responses = Family::<CutLabels, Counter>::default();
+        registry.register(
+            "flywheel_http_responses_cut",
+            "Responses that ended before their body was complete (the client saw a cut stream), by reason",
+            cut_responses.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register("flywheel_http_open_connections", "Client connections open", open_connections.clone());
+        let connections_closed = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "flywheel_http_connections_closed",
+            "Client connections the server refused or closed, by reason (over_capacity, header_timeout, idle, write_stall)",
+            connections_closed.clone(),
+        );
         let queued_requests = Gauge::default();
         registry.register("flywheel_queued_requests", "Requests waiting in the global queue", queued_requests.clone());
         let in_flight_requests = Gauge::default();
@@ -143,6 +173,9 @@ impl Metrics {
             step_duration,
             instantiation,
             guest_traps,
+            cut_responses,
+            open_connections,
+            connections_closed,
             queued_requests,
             in_flight_requests,
             engine,
@@ -166,6 +199,16 @@ impl Metrics {
     pub fn record_request(&self, plugin: &str, status: u16, took: Duration) {
         self.requests.get_or_create(&RequestLabels { plugin: plugin.to_string(), status }).inc();
         self.request_duration.get_or_create(&PluginLabel { plugin: plugin.to_string() }).observe(took.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    pub fn record_connection_closed(&self, reason: &str) {
+        self.connections_closed.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+
+    pub fn record_cut(&self, plugin: &str, reason: &str) {
+        self.cut_responses.get_or_create(&CutLabels { plugin: plugin.to_string(), reason: reason.to_string() }).inc();
     }
 }
 

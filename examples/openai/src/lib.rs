@@ -177,20 +177,21 @@ fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
         })
     };
     if body.common.stream {
-        let mut sse = res.sse()?;
-        if body.echo {
-            sse.send_json(&chunk(&prompt_text, None))?;
-        }
-        while let Some(text) = generation.next_text()? {
-            sse.send_json(&chunk(&text, None))?;
-        }
-        sse.send_json(&chunk("", Some(finish_reason(&generation))))?;
-        finish_stream(
-            sse,
-            &body.common,
-            &generation,
-            |u| json!({ "id": id, "object": "text_completion", "created": created, "model": name, "choices": [], "usage": u }),
-        )
+        stream_or_fail(res.sse()?, |sse| {
+            if body.echo {
+                sse.send_json(&chunk(&prompt_text, None))?;
+            }
+            while let Some(text) = generation.next_text()? {
+                sse.send_json(&chunk(&text, None))?;
+            }
+            sse.send_json(&chunk("", Some(finish_reason(&generation))))?;
+            send_usage(
+                sse,
+                &body.common,
+                &generation,
+                |u| json!({ "id": id, "object": "text_completion", "created": created, "model": name, "choices": [], "usage": u }),
+            )
+        })
     } else {
         let mut text = generation.collect_text()?;
         if body.echo {
@@ -213,8 +214,24 @@ fn prompt_error(e: flywheel_guest::Error, param: &str) -> HttpError {
     h
 }
 
-fn finish_stream(
+/// Streams what `send` sends, then `data: [DONE]`. A failure part-way (the engine, the
+/// context, a send) becomes an error event and a cut stream, never a `[DONE]`: a client
+/// must not take a partial answer as whole.
+fn stream_or_fail(
     mut sse: SseStream,
+    send: impl FnOnce(&mut SseStream) -> Result<(), HttpError>,
+) -> Result<(), HttpError> {
+    match send(&mut sse) {
+        Ok(()) => sse.done(),
+        Err(e) => {
+            sse.fail(&e);
+            Ok(())
+        }
+    }
+}
+
+fn send_usage(
+    sse: &mut SseStream,
     common: &Common,
     g: &Generation,
     usage_chunk: impl Fn(Value) -> Value,
@@ -222,7 +239,7 @@ fn finish_stream(
     if common.stream_options.as_ref().is_some_and(|o| o.include_usage) {
         sse.send_json(&usage_chunk(usage(g)))?;
     }
-    sse.done()
+    Ok(())
 }
 
 // ---- /v1/chat/completions --------------------------------------------------------------
@@ -322,18 +339,19 @@ fn chat_completions(req: &Request, res: Responder) -> Result<(), HttpError> {
                 "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": reason }],
             })
         };
-        let mut sse = res.sse()?;
-        sse.send_json(&chunk(json!({ "role": "assistant", "content": "" }), None))?;
-        while let Some(text) = generation.next_text()? {
-            sse.send_json(&chunk(json!({ "content": text }), None))?;
-        }
-        sse.send_json(&chunk(json!({}), Some(finish_reason(&generation))))?;
-        finish_stream(
-            sse,
-            &body.common,
-            &generation,
-            |u| json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [], "usage": u }),
-        )
+        stream_or_fail(res.sse()?, |sse| {
+            sse.send_json(&chunk(json!({ "role": "assistant", "content": "" }), None))?;
+            while let Some(text) = generation.next_text()? {
+                sse.send_json(&chunk(json!({ "content": text }), None))?;
+            }
+            sse.send_json(&chunk(json!({}), Some(finish_reason(&generation))))?;
+            send_usage(
+                sse,
+                &body.common,
+                &generation,
+                |u| json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [], "usage": u }),
+            )
+        })
     } else {
         let text = generation.collect_text()?;
         res.json(

@@ -59,6 +59,12 @@ impl ApiError {
 
 impl From<InvokeError> for ApiError {
     fn from(e: InvokeError) -> Self {
+        ApiError::from(&e)
+    }
+}
+
+impl From<&InvokeError> for ApiError {
+    fn from(e: &InvokeError) -> Self {
         let message = e.to_string();
         match e {
             InvokeError::Busy { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
@@ -81,7 +87,7 @@ impl From<InvokeError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", message)
                     .retry_after(Duration::from_secs(1))
             }
-            InvokeError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", m),
+            InvokeError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", m.clone()),
         }
     }
 }

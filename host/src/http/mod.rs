@@ -4,9 +4,9 @@
 mod admin;
 mod auth;
 pub mod body;
+mod conn;
 mod errors;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,17 +15,15 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::config::{AuthConfig, ServerConfig};
 use crate::metrics::Metrics;
 use crate::plugins::PluginRuntime;
-use body::{full, read_limited, too_large, ServerBody, TrackedBody};
+use body::{full, read_limited, too_large, Ending, ResponseBody, ServerBody};
+pub use conn::{serve, ConnLimits};
 pub use errors::ApiError;
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -65,58 +63,6 @@ impl AppState {
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
-}
-
-/// Serve until `shutdown` resolves, then stop accepting and give in-flight requests up to
-/// the configured grace period.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client gets 10 s to send its request headers (slow-header attacks hold nothing longer).
-    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let state = state.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(state, req).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            _ = &mut shutdown => break,
-        }
-    }
-    state.draining.store(true, Ordering::Relaxed);
-    drop(listener);
-    let grace = Duration::from_millis(state.server.shutdown_grace_ms);
-    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: finishing in-flight requests");
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections closed"),
-        Err(_) => tracing::warn!("grace period over; closing the remaining connections"),
-    }
-    Ok(())
 }
 
 fn request_id(state: &AppState, req: &Request<Incoming>) -> String {
@@ -309,15 +255,18 @@ async fn serve_plugin(
             let status = resp.status().as_u16();
             let metrics = state.metrics.clone();
             let plugin_name = name.clone();
-            let resp = resp.map(move |b| {
-                let inner = b.map_err(|e| Box::new(e) as body::BoxError).boxed_unsync();
-                // Recorded when the body is done (or the client left): streaming included.
-                let tracked = TrackedBody::new(inner, slot, move |_slot| {
-                    metrics.record_request(&plugin_name, status, started.elapsed());
-                });
-                tracked.boxed_unsync()
+            let (parts, b) = resp.into_parts();
+            let inner = b.map_err(|e| Box::new(e) as body::BoxError).boxed_unsync();
+            // Recorded when the body is done (or the client left): streaming included.
+            let tracked = ResponseBody::new(inner, &parts.headers, slot, move |ending, _slot| {
+                metrics.record_request(&plugin_name, status, started.elapsed());
+                match ending {
+                    Ending::Complete => {}
+                    Ending::Cut(reason) => metrics.record_cut(&plugin_name, reason),
+                    Ending::ClientGone => metrics.record_cut(&plugin_name, "client_gone"),
+                }
             });
-            (resp, Some(name))
+            (Response::from_parts(parts, tracked.boxed_unsync()), Some(name))
         }
         Err(e) => {
             state.metrics.record_request(&name, e.status.as_u16(), started.elapsed());

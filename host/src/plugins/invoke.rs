@@ -1,5 +1,6 @@
 //! Running one request in a fresh, limited instance of a plugin.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -65,9 +66,29 @@ pub enum InvokeError {
 
 /// The response body a plugin streams. Dropping it (the client went away, or the body is
 /// done) stops the guest at once, which frees its sequences and KV cells.
+///
+/// The body only ends cleanly once the guest has returned successfully: a guest that traps,
+/// panics or runs out of time while streaming ends the body with an error, never with a
+/// clean end of stream, so the client can tell the answer was cut.
 pub struct PluginBody {
     inner: HyperOutgoingBody,
-    _guest: AbortOnDrop,
+    /// The guest's run; awaited when its body stream ends.
+    guest: Option<tokio::task::JoinHandle<RunResult>>,
+    inner_done: bool,
+    plugin: String,
+    _abort: AbortOnDrop,
+}
+
+/// Why a plugin's response body ended before it was complete.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The guest stopped (trap, panic, deadline, memory limit) before finishing its body.
+    #[error("{0}")]
+    Guest(InvokeError),
+    /// The guest abandoned its body without finishing it, or wrote a body that breaks its
+    /// own content-length.
+    #[error("plugin {plugin} ended its response body without finishing it: {message}")]
+    Unfinished { plugin: String, message: String },
 }
 
 struct AbortOnDrop(AbortHandle);
@@ -79,14 +100,42 @@ impl Drop for AbortOnDrop {
 
 impl Body for PluginBody {
     type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
+    type Error = BodyError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        if !this.inner_done {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(Some(Err(e))) => {
+                    this.inner_done = true;
+                    this.guest = None;
+                    let err = BodyError::Unfinished { plugin: this.plugin.clone(), message: e.to_string() };
+                    tracing::warn!(error = %err, "response cut");
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Poll::Ready(None) => this.inner_done = true,
+            }
+        }
+        // The stream ended: it is complete only if the guest returned without failing.
+        let Some(guest) = this.guest.as_mut() else { return Poll::Ready(None) };
+        let outcome = match Pin::new(guest).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(outcome) => outcome,
+        };
+        this.guest = None;
+        let failure = match outcome {
+            Ok(Ok(())) => return Poll::Ready(None),
+            Ok(Err(e)) => e,
+            Err(join) => InvokeError::Trap { plugin: this.plugin.clone(), kind: TrapKind::Other(join.to_string()) },
+        };
+        tracing::warn!(error = %failure, "plugin failed after sending its response headers; response cut");
+        Poll::Ready(Some(Err(BodyError::Guest(failure))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner_done && self.guest.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -195,15 +244,13 @@ impl PluginRuntime {
         // stops the guest too; afterwards the response body carries the guard.
         let guard = AbortOnDrop(task.abort_handle());
         match rx.await {
-            Ok(Ok(response)) => {
-                // The body streams from here; report a later failure once the guest ends.
-                tokio::spawn(async move {
-                    if let Ok(Err(e)) = task.await {
-                        tracing::warn!(error = %e, "plugin failed after sending its response headers");
-                    }
-                });
-                Ok(response.map(|inner| PluginBody { inner, _guest: guard }))
-            }
+            Ok(Ok(response)) => Ok(response.map(|inner| PluginBody {
+                inner,
+                guest: Some(task),
+                inner_done: false,
+                plugin: name,
+                _abort: guard,
+            })),
             Ok(Err(code)) => {
                 // The answer is decided; whatever the guest does next does not matter.
                 drop(guard);

@@ -19,7 +19,7 @@ use std::time::Duration;
 use wasmtime::component::Linker;
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use invoke::{InvokeError, PluginBody, TrapKind};
+pub use invoke::{BodyError, InvokeError, PluginBody, TrapKind};
 pub use manifest::{PluginManifest, RESERVED_PREFIXES};
 pub use registry::{Plugin, PluginFailure, PluginSet};
 pub use store::PluginState;

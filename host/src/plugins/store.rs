@@ -38,25 +38,32 @@ impl PluginState {
     }
 }
 
-/// Linear-memory and table limits of one instance. Refusing growth traps the guest, and
-/// the refusal is remembered so the failure can be reported as "memory limit".
+/// Linear-memory and table limits of one instance.
 pub struct MemoryLimit {
     pub(crate) max_bytes: usize,
     pub(crate) max_table_elements: usize,
     pub(crate) hit: bool,
 }
 
+/// Growth past the limit fails the grow (`memory.grow` returns -1), as the WebAssembly
+/// spec allows, rather than trapping: a guest that handles allocation failure can still
+/// answer. `hit` remembers it, so a guest that traps afterwards is reported as out of memory.
 impl ResourceLimiter for MemoryLimit {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.max_bytes {
             self.hit = true;
-            wasmtime::bail!("memory limit: the guest asked for {desired} bytes, its limit is {}", self.max_bytes);
+            tracing::debug!(desired, limit = self.max_bytes, "guest memory growth refused at its limit");
+            return Ok(false);
         }
         Ok(true)
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= self.max_table_elements)
+        if desired > self.max_table_elements {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
     }
 }
 

@@ -73,6 +73,33 @@ impl Handler for Hostile {
                 }
                 panic!("hostile guest: deliberate trap in the middle of generation");
             }
+            "cut" => {
+                // Streams a few events, then fails the way `how` says, after the head is sent.
+                let how = query_param(&req, "how").unwrap_or("panic").to_string();
+                let mut sse = res.sse()?;
+                for i in 0..3 {
+                    sse.send_json(&json!({ "part": i }))?;
+                }
+                cut_stream(&how, sse)
+            }
+            "probe-memory" => {
+                // Allocates fallibly until the host refuses to grow memory, then answers.
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                let mut refused = false;
+                for _ in 0..100_000 {
+                    let mut block = Vec::new();
+                    if block.try_reserve_exact(1 << 20).is_err() {
+                        refused = true;
+                        break;
+                    }
+                    block.resize(1 << 20, 1u8);
+                    hoard.push(block);
+                }
+                let held = hoard.len() << 20;
+                let memory_bytes = core::arch::wasm32::memory_size(0) * 65536;
+                drop(hoard);
+                res.json(200, &json!({ "refused": refused, "held_bytes": held, "memory_bytes": memory_bytes }))
+            }
             "contexts" => {
                 let model = first_model()?;
                 let mut held = Vec::new();
@@ -124,6 +151,49 @@ impl Handler for Hostile {
             }
             other => Err(HttpError::not_found(format!("no behaviour {other:?}"))),
         }
+    }
+}
+
+/// Ends a started stream badly.
+fn cut_stream(how: &str, mut sse: flywheel_guest::SseStream) -> Result<(), HttpError> {
+    match how {
+        "panic" => panic!("hostile guest: deliberate panic mid-stream"),
+        "trap" => {
+            // A wasm trap that is not a panic: a load far past the end of linear memory.
+            let far = std::hint::black_box(0xffff_fff0usize) as *const u64;
+            let v = unsafe { std::ptr::read_volatile(far) };
+            sse.send_json(&json!({ "unreachable": v }))?;
+            Ok(())
+        }
+        "deadline" => loop {
+            // A slow streamer: one event every 100 ms until the deadline stops it.
+            wasip2::clocks::monotonic_clock::subscribe_duration(100_000_000).block();
+            sse.send_json(&json!({ "part": "more" }))?;
+        },
+        "memory" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "flood" => {
+            // Holds a sequence in the KV cache and writes as fast as the client reads: a
+            // client that stops reading stalls it with the sequence held.
+            let model = first_model()?;
+            let mut session = model.session()?;
+            session.feed(&model.tokenize("hello world, once upon a time")?, &Want::TopK { k: 1, allowed: None })?;
+            let chunk = "x".repeat(60_000);
+            loop {
+                sse.send_data(&chunk)?;
+            }
+        }
+        "fail" => {
+            sse.fail(&HttpError::new(500, "server_error", "hostile guest: failed mid-stream"));
+            Ok(())
+        }
+        // Returning an error with the stream open drops it unfinished.
+        _ => Err(HttpError::new(500, "server_error", "hostile guest: error mid-stream")),
     }
 }
 
