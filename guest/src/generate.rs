@@ -3,6 +3,7 @@
 use crate::constraint::Constraint;
 use crate::model::{Model, Session};
 use crate::sampling::Sampler;
+use crate::text::TextDecoder;
 use crate::Error;
 
 /// Why generation ended.
@@ -65,8 +66,12 @@ pub struct Generation<'m> {
     generated: Vec<i32>,
     prompt_tokens: usize,
     budget: usize,
-    /// Bytes that do not yet form whole UTF-8 characters.
-    partial: Vec<u8>,
+    /// The generated tokens' text, decoded incrementally after the prompt.
+    text: TextDecoder,
+    /// Text that closes a constrained output cut short by the budget.
+    closing: String,
+    /// Whether the text held back at the end was taken (or dropped at a stop sequence).
+    flushed: bool,
     /// Decoded text held back because it may be the start of a stop sequence.
     held: String,
     vocab_bytes: Option<Vec<Vec<u8>>>,
@@ -108,7 +113,9 @@ impl<'m> Generation<'m> {
             generated: Vec::new(),
             prompt_tokens: prompt.len(),
             budget,
-            partial: Vec::new(),
+            text: TextDecoder::new(prompt),
+            closing: String::new(),
+            flushed: false,
             held: String::new(),
             vocab_bytes: None,
             finished: None,
@@ -198,8 +205,7 @@ impl<'m> Generation<'m> {
         if reason == FinishReason::Length {
             if let Some(c) = &self.options.constraint {
                 // Keep constrained output valid when the budget runs out.
-                let closing = c.closing();
-                self.partial.extend_from_slice(closing.as_bytes());
+                self.closing = c.closing();
             }
         }
         self.finished = Some(reason);
@@ -208,52 +214,25 @@ impl<'m> Generation<'m> {
     /// The next piece of text safe to show: whole UTF-8 characters, never part of a stop
     /// sequence. `None` once everything has been returned.
     pub fn next_text(&mut self) -> Result<Option<String>, Error> {
+        let model = self.model;
+        let decode = |ids: &[i32]| model.detokenize(ids);
         loop {
-            let more = self.next_token()?;
-            if let Some((_, bytes)) = &more {
-                self.partial.extend_from_slice(bytes);
+            if let Some((token, _)) = self.next_token()? {
+                let piece = self.text.push(token, decode)?;
+                self.held.push_str(&piece);
             }
             let ended = self.finished.is_some();
-            self.decode_partial(ended);
+            if ended && !self.flushed {
+                self.flushed = true;
+                let rest = self.text.finish(decode)?;
+                self.held.push_str(&rest);
+                self.held.push_str(&std::mem::take(&mut self.closing));
+            }
             if let Some(text) = self.take_safe_text(ended) {
                 return Ok(Some(text));
             }
             if ended {
                 return Ok(None);
-            }
-        }
-    }
-
-    /// Move whole characters from `partial` to `held`; invalid bytes become U+FFFD, an
-    /// unfinished character at the end waits for the next token (or, at the end, is replaced).
-    fn decode_partial(&mut self, ended: bool) {
-        loop {
-            match std::str::from_utf8(&self.partial) {
-                Ok(s) => {
-                    self.held.push_str(s);
-                    self.partial.clear();
-                    return;
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    if let Ok(s) = std::str::from_utf8(&self.partial[..valid]) {
-                        self.held.push_str(s);
-                    }
-                    match e.error_len() {
-                        Some(bad) => {
-                            self.held.push(char::REPLACEMENT_CHARACTER);
-                            self.partial.drain(..valid + bad);
-                        }
-                        None => {
-                            self.partial.drain(..valid);
-                            if ended && !self.partial.is_empty() {
-                                self.held.push(char::REPLACEMENT_CHARACTER);
-                                self.partial.clear();
-                            }
-                            return;
-                        }
-                    }
-                }
             }
         }
     }
@@ -268,7 +247,8 @@ impl<'m> Generation<'m> {
         {
             self.held.truncate(at);
             self.finished = Some(FinishReason::Stop);
-            self.partial.clear();
+            // What follows the stop sequence is never shown.
+            self.flushed = true;
             return (!self.held.is_empty()).then(|| std::mem::take(&mut self.held));
         }
         let keep = if ended { 0 } else { self.stop_prefix_len() };

@@ -41,6 +41,7 @@ mod http;
 mod model;
 mod params;
 mod sampling;
+mod text;
 
 /// Raw bindings of `wasi:nn` and `flywheel:llm`, for what the wrappers do not cover.
 pub mod bindings {
@@ -59,6 +60,7 @@ pub use http::{serve, Handler, Request, Responder, SseStream};
 pub use model::{Candidates, ChatMessage, Model, ModelInfo, Session, Want};
 pub use params::{max_tokens, SamplingParams, Stop};
 pub use sampling::Sampler;
+pub use text::TextDecoder;
 pub use wasip2;
 
 /// Export a [`Handler`] as the component's `wasi:http/incoming-handler`.

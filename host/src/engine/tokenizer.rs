@@ -89,16 +89,66 @@ impl Vocab {
                 let vocab = self.llama.vocab();
                 Ok(tokens.iter().map(|&t| vocab.token_to_piece(LlamaToken(t), render_special, None)).collect())
             }
-            Tokenizer::HuggingFace(t) => tokens
-                .iter()
-                .map(|&id| {
-                    t.decode(&[id as u32], !render_special).map(String::into_bytes).map_err(|e| self.tokenizer_error(e))
-                })
-                .collect(),
+            Tokenizer::HuggingFace(t) => {
+                let anchor = t.token_to_id("a").or_else(|| t.encode("a", false).ok()?.get_ids().first().copied());
+                let byte_level = t
+                    .get_decoder()
+                    .and_then(|d| serde_json::to_string(d).ok())
+                    .is_some_and(|json| json.contains("\"ByteLevel\""));
+                tokens
+                    .iter()
+                    .map(|&id| hf_token_bytes(t, id as u32, anchor, byte_level, render_special))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.tokenizer_error(e))
+            }
         }
     }
 
     fn tokenizer_error(&self, e: impl std::fmt::Display) -> EngineError {
         EngineError::Tokenizer { model: self.name.clone(), message: e.to_string() }
     }
+}
+
+/// The bytes a token adds in the middle of text. Decoding it alone would apply the rules
+/// for the start of text (a SentencePiece word loses its leading space) and cannot show
+/// part of a UTF-8 character, so it is decoded after a plain `anchor` token, and a token
+/// that is part of a character yields its raw byte (`<0xNN>` byte fallback, or a
+/// byte-level symbol).
+fn hf_token_bytes(
+    t: &tokenizers::Tokenizer,
+    id: u32,
+    anchor: Option<u32>,
+    byte_level: bool,
+    render_special: bool,
+) -> tokenizers::Result<Vec<u8>> {
+    let Some(anchor) = anchor else { return Ok(t.decode(&[id], !render_special)?.into_bytes()) };
+    let before = t.decode(&[anchor], false)?;
+    let with = t.decode(&[anchor, id], !render_special)?;
+    match with.strip_prefix(before.as_str()) {
+        Some(added) if !added.contains(char::REPLACEMENT_CHARACTER) => return Ok(added.as_bytes().to_vec()),
+        _ => {}
+    }
+    let Some(piece) = t.id_to_token(id) else { return Ok(Vec::new()) };
+    if let Some(byte) =
+        piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok())
+    {
+        return Ok(vec![byte]);
+    }
+    if byte_level {
+        if let Some(bytes) = piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>() {
+            return Ok(bytes);
+        }
+    }
+    Ok(with.get(before.len()..).unwrap_or_default().as_bytes().to_vec())
+}
+
+/// The byte a GPT-2 byte-level symbol stands for: printable bytes stand for themselves,
+/// the others were moved, in order, to U+0100 and up.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let code = c as u32;
+    if code < 0x100 {
+        return printable(code).then_some(code as u8);
+    }
+    (0u32..=255).filter(|&b| !printable(b)).nth((code - 0x100) as usize).map(|b| b as u8)
 }

@@ -3,7 +3,9 @@
 
 use std::io::Write;
 
-use flywheel_guest::{export_plugin, GenerateOptions, Handler, HttpError, Model, Request, Responder, Sampler, Want};
+use flywheel_guest::{
+    export_plugin, GenerateOptions, Handler, HttpError, Model, Request, Responder, Sampler, TextDecoder, Want,
+};
 use serde_json::json;
 
 struct Hostile;
@@ -99,6 +101,33 @@ impl Handler for Hostile {
                 let memory_bytes = core::arch::wasm32::memory_size(0) * 65536;
                 drop(hoard);
                 res.json(200, &json!({ "refused": refused, "held_bytes": held, "memory_bytes": memory_bytes }))
+            }
+            "decode" => {
+                // Streams token sequences through the SDK's incremental decoder, piece by
+                // piece, for comparison with whole-sequence decodes.
+                let model = match query_param(&req, "model") {
+                    Some(name) => Model::open(name)?,
+                    None => first_model()?,
+                };
+                let body: serde_json::Value = req.json()?;
+                let ids = |v: &serde_json::Value| -> Vec<i32> {
+                    v.as_array()
+                        .map(|a| a.iter().filter_map(|t| t.as_i64()).map(|t| t as i32).collect())
+                        .unwrap_or_default()
+                };
+                let context = ids(&body["context"]);
+                let decode = |tokens: &[i32]| model.detokenize(tokens);
+                let mut streams = Vec::new();
+                for sequence in body["sequences"].as_array().into_iter().flatten() {
+                    let mut decoder = TextDecoder::new(&context);
+                    let mut pieces = Vec::new();
+                    for token in ids(sequence) {
+                        pieces.push(decoder.push(token, decode)?);
+                    }
+                    pieces.push(decoder.finish(decode)?);
+                    streams.push(pieces);
+                }
+                res.json(200, &json!({ "pieces": streams }))
             }
             "contexts" => {
                 let model = first_model()?;
