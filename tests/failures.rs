@@ -179,6 +179,15 @@ async fn a_guest_that_handles_running_out_of_memory_answers() {
 
 // ---- connections ------------------------------------------------------------------------
 
+/// Waits until `open_connections` satisfies `done`, failing after 10 s.
+async fn wait_connections(s: &TestServer, done: impl Fn(u64) -> bool) {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !done(open_connections(s)) {
+        assert!(std::time::Instant::now() < until, "{} connections open", open_connections(s));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn open_connections(s: &TestServer) -> u64 {
     let metrics = s.metrics.encode();
     let line = metrics.lines().find(|l| l.starts_with("flywheel_http_open_connections ")).expect("gauge");
@@ -192,11 +201,7 @@ async fn two_thousand_idle_connections_do_not_stop_a_client_from_being_served() 
     for _ in 0..2000 {
         idle.push(support::raw::connect(&s.url).await);
     }
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while open_connections(&s) < 2000 {
-        assert!(std::time::Instant::now() < until, "only {} connections open", open_connections(&s));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_connections(&s, |n| n >= 2000).await;
     let started = std::time::Instant::now();
     still_serves(&s).await;
     let r = s
@@ -218,11 +223,7 @@ async fn past_the_connection_cap_new_connections_are_refused_with_503() {
     for _ in 0..20 {
         idle.push(support::raw::connect(&s.url).await);
     }
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    while open_connections(&s) < 20 {
-        assert!(std::time::Instant::now() < until);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_connections(&s, |n| n >= 20).await;
     let ex = exchange(&s.url, &post_request("/fn/hostile/ok", ""), Duration::from_secs(5)).await;
     assert!(ex.head().starts_with("HTTP/1.1 503"), "{}", ex.text());
     assert!(ex.head().to_ascii_lowercase().contains("retry-after: 1"), "{}", ex.head());
@@ -232,11 +233,7 @@ async fn past_the_connection_cap_new_connections_are_refused_with_503() {
     assert_eq!(json["error"]["type"], "overloaded_error");
     drop(idle);
     // Their slots come back once they close.
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    while open_connections(&s) > 0 {
-        assert!(std::time::Instant::now() < until, "{} still open", open_connections(&s));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_connections(&s, |n| n == 0).await;
     still_serves(&s).await;
     assert!(s.metrics.encode().contains(r#"flywheel_http_connections_closed_total{reason="over_capacity"} 1"#));
     s.shutdown().await;

@@ -95,9 +95,14 @@ impl Vocab {
                     .get_decoder()
                     .and_then(|d| serde_json::to_string(d).ok())
                     .is_some_and(|json| json.contains("\"ByteLevel\""));
+                // Decoded once for the whole batch: constraints ask for every token at once.
+                let anchor = match anchor {
+                    Some(a) => Some((a, t.decode(&[a], false).map_err(|e| self.tokenizer_error(e))?)),
+                    None => None,
+                };
                 tokens
                     .iter()
-                    .map(|&id| hf_token_bytes(t, id as u32, anchor, byte_level, render_special))
+                    .map(|&id| hf_token_bytes(t, id as u32, anchor.as_ref(), byte_level, render_special))
                     .collect::<Result<_, _>>()
                     .map_err(|e| self.tokenizer_error(e))
             }
@@ -117,13 +122,12 @@ impl Vocab {
 fn hf_token_bytes(
     t: &tokenizers::Tokenizer,
     id: u32,
-    anchor: Option<u32>,
+    anchor: Option<&(u32, String)>,
     byte_level: bool,
     render_special: bool,
 ) -> tokenizers::Result<Vec<u8>> {
-    let Some(anchor) = anchor else { return Ok(t.decode(&[id], !render_special)?.into_bytes()) };
-    let before = t.decode(&[anchor], false)?;
-    let with = t.decode(&[anchor, id], !render_special)?;
+    let Some((anchor, before)) = anchor else { return Ok(t.decode(&[id], !render_special)?.into_bytes()) };
+    let with = t.decode(&[*anchor, id], !render_special)?;
     match with.strip_prefix(before.as_str()) {
         Some(added) if !added.contains(char::REPLACEMENT_CHARACTER) => return Ok(added.as_bytes().to_vec()),
         _ => {}

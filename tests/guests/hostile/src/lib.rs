@@ -39,13 +39,7 @@ impl Handler for Hostile {
                 session.feed(&prompt, &Want::TopK { k: 1, allowed: None })?;
                 spin_forever()
             }
-            "bomb" => {
-                let mut hoard: Vec<Vec<u8>> = Vec::new();
-                loop {
-                    hoard.push(vec![1u8; 1 << 20]);
-                    std::hint::black_box(&hoard);
-                }
-            }
+            "bomb" => memory_bomb(),
             "read-file" => {
                 let r = std::fs::read_to_string("/etc/passwd");
                 let dir = std::fs::read_dir("/").map(|d| d.count());
@@ -183,6 +177,15 @@ impl Handler for Hostile {
     }
 }
 
+/// Allocates until the allocator gives up (which aborts: a trap at the memory limit).
+fn memory_bomb() -> ! {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        hoard.push(vec![1u8; 1 << 20]);
+        std::hint::black_box(&hoard);
+    }
+}
+
 /// Ends a started stream badly.
 fn cut_stream(how: &str, mut sse: flywheel_guest::SseStream) -> Result<(), HttpError> {
     match how {
@@ -199,13 +202,7 @@ fn cut_stream(how: &str, mut sse: flywheel_guest::SseStream) -> Result<(), HttpE
             wasip2::clocks::monotonic_clock::subscribe_duration(100_000_000).block();
             sse.send_json(&json!({ "part": "more" }))?;
         },
-        "memory" => {
-            let mut hoard: Vec<Vec<u8>> = Vec::new();
-            loop {
-                hoard.push(vec![1u8; 1 << 20]);
-                std::hint::black_box(&hoard);
-            }
-        }
+        "memory" => memory_bomb(),
         "flood" => {
             // Holds a sequence in the KV cache and writes as fast as the client reads: a
             // client that stops reading stalls it with the sequence held.
