@@ -37,6 +37,9 @@ jobs="${JOBS:-2}"
 cmake_flags=(
   -DCMAKE_BUILD_TYPE=Release
   -DGGML_NATIVE=ON
+  # Same CPU kernels as the host binary: ggml's AMX path crashes (see .cargo/config.toml).
+  "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   -DBUILD_SHARED_LIBS=OFF
   -DLLAMA_CURL=OFF
   -DLLAMA_OPENSSL=OFF
