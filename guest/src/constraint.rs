@@ -18,12 +18,31 @@ pub trait Constraint {
 
 const MAX_DEPTH: usize = 32;
 
+/// Where a string is between its quotes: what the next byte must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Esc {
     None,
-    Backslash,
-    /// Hex digits of a \u escape still to come.
-    Unicode(u8),
+    /// After a backslash; `low`: this escape must be the low half of a surrogate pair.
+    Backslash {
+        low: bool,
+    },
+    /// A `\u` escape: `left` hex digits still to come, `value` those seen so far.
+    Unicode {
+        left: u8,
+        value: u16,
+        low: bool,
+    },
+    /// A high surrogate was escaped: a `\uDC00`..`\uDFFF` must follow at once, since a lone
+    /// surrogate is not a character and strict parsers reject it.
+    LowSurrogate,
+    /// Inside a multi-byte UTF-8 character: `left` continuation bytes to come, the next one
+    /// in `lo..=hi` (RFC 3629's table, which rules out overlong forms, encoded surrogates
+    /// and code points past U+10FFFF).
+    Utf8 {
+        left: u8,
+        lo: u8,
+        hi: u8,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,19 +262,43 @@ impl JsonConstraint {
 
     fn step_string(&mut self, c: u8, key: bool, esc: Esc) -> bool {
         let next = match esc {
-            Esc::Backslash => match c {
+            Esc::LowSurrogate if c == b'\\' => Esc::Backslash { low: true },
+            Esc::LowSurrogate => return false,
+            Esc::Backslash { low: true } if c == b'u' => Esc::Unicode { left: 4, value: 0, low: true },
+            Esc::Backslash { low: true } => return false,
+            Esc::Backslash { low: false } => match c {
                 b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Esc::None,
-                b'u' => Esc::Unicode(4),
+                b'u' => Esc::Unicode { left: 4, value: 0, low: false },
                 _ => return false,
             },
-            Esc::Unicode(n) => {
-                if !c.is_ascii_hexdigit() {
+            Esc::Unicode { left, value, low } => {
+                let Some(digit) = (c as char).to_digit(16) else { return false };
+                let value = value << 4 | digit as u16;
+                // Reject a surrogate as soon as its leading digits show it: a low half
+                // outside a pair, or anything but a low half inside one.
+                let ok = match (low, 5 - left) {
+                    (true, 1) => value == 0xD,
+                    (true, 2) => (0xDC..=0xDF).contains(&value),
+                    (false, 2) => !(0xDC..=0xDF).contains(&value),
+                    _ => true,
+                };
+                if !ok {
                     return false;
                 }
-                if n == 1 {
+                match left {
+                    1 if !low && (0xD800..=0xDBFF).contains(&value) => Esc::LowSurrogate,
+                    1 => Esc::None,
+                    _ => Esc::Unicode { left: left - 1, value, low },
+                }
+            }
+            Esc::Utf8 { left, lo, hi } => {
+                if !(lo..=hi).contains(&c) {
+                    return false;
+                }
+                if left == 1 {
                     Esc::None
                 } else {
-                    Esc::Unicode(n - 1)
+                    Esc::Utf8 { left: left - 1, lo: 0x80, hi: 0xBF }
                 }
             }
             Esc::None => match c {
@@ -267,9 +310,18 @@ impl JsonConstraint {
                     }
                     return true;
                 }
-                b'\\' => Esc::Backslash,
+                b'\\' => Esc::Backslash { low: false },
                 0..=0x1f => return false,
-                _ => Esc::None,
+                0x20..=0x7f => Esc::None,
+                0xC2..=0xDF => Esc::Utf8 { left: 1, lo: 0x80, hi: 0xBF },
+                0xE0 => Esc::Utf8 { left: 2, lo: 0xA0, hi: 0xBF },
+                0xE1..=0xEC | 0xEE..=0xEF => Esc::Utf8 { left: 2, lo: 0x80, hi: 0xBF },
+                0xED => Esc::Utf8 { left: 2, lo: 0x80, hi: 0x9F },
+                0xF0 => Esc::Utf8 { left: 3, lo: 0x90, hi: 0xBF },
+                0xF1..=0xF3 => Esc::Utf8 { left: 3, lo: 0x80, hi: 0xBF },
+                0xF4 => Esc::Utf8 { left: 3, lo: 0x80, hi: 0x8F },
+                // Continuation bytes without a lead, overlong leads, and bytes UTF-8 never uses.
+                _ => return false,
             },
         };
         self.mode = Mode::Str { key, esc: next };
@@ -325,9 +377,23 @@ impl Constraint for JsonConstraint {
             Mode::Done => return out,
             Mode::Str { key, esc } => {
                 match esc {
-                    Esc::Backslash => out.push('n'),
-                    Esc::Unicode(n) => out.extend(std::iter::repeat_n('0', n as usize)),
-                    Esc::None => {}
+                    Esc::Backslash { low: false } => out.push('n'),
+                    Esc::Backslash { low: true } => out.push_str("udc00"),
+                    Esc::LowSurrogate => out.push_str("\\udc00"),
+                    Esc::Unicode { left, value, low } => {
+                        let digits = match (low, 4 - left) {
+                            (true, 0) => "dc00",
+                            (true, 1) => "c00",
+                            _ => &"0000"[..left as usize],
+                        };
+                        out.push_str(digits);
+                        let whole = u32::from(value) << (4 * u32::from(left));
+                        if !low && (0xD800..=0xDBFF).contains(&whole) {
+                            out.push_str("\\udc00");
+                        }
+                    }
+                    // The unfinished character's bytes decode as one U+FFFD, a whole character.
+                    Esc::Utf8 { .. } | Esc::None => {}
                 }
                 out.push('"');
                 if key {
@@ -400,6 +466,221 @@ mod tests {
             assert!(full.is_complete(), "{closed:?} incomplete");
             serde_json::from_str::<serde_json::Value>(&closed).unwrap_or_else(|e| panic!("{closed:?}: {e}"));
         }
+    }
+
+    fn feed_bytes(c: &mut JsonConstraint, bytes: &[u8]) -> bool {
+        let ok = c.accepts(bytes);
+        c.advance(bytes);
+        ok
+    }
+
+    #[test]
+    fn strings_must_be_valid_utf8_without_lone_surrogates() {
+        let bad: &[&[u8]] = &[
+            b"\x80",             // continuation without a lead
+            b"\xC0\xAF",         // overlong '/'
+            b"\xC1\xBF",         // overlong
+            b"\xE0\x80\x80",     // overlong NUL
+            b"\xED\xA0\x80",     // U+D800 encoded
+            b"\xF0\x80\x80\x80", // overlong
+            b"\xF4\x90\x80\x80", // past U+10FFFF
+            b"\xF5\x80\x80\x80", // lead UTF-8 never uses
+            b"\xFF",             // never valid
+            b"\xC3(",            // lead then ASCII
+            b"\xE2\x82\"",       // string closed inside a character
+            br#"\ud800""#,       // lone high surrogate
+            br#"\udc00"#,        // lone low surrogate
+            br#"\ud800\u0041"#,  // high followed by a non-low escape
+            br#"\ud800x"#,       // high followed by a plain byte
+            br#"\ud83d\ud83d"#,  // two highs
+            br#"\ud83d\n"#,      // high followed by another escape
+        ];
+        for b in bad {
+            let mut c = feed("{\"a\":\"").unwrap();
+            let all_ok = b.iter().all(|&x| feed_bytes(&mut c, &[x]));
+            assert!(!all_ok, "accepted {:?}", String::from_utf8_lossy(b));
+            assert!(!feed("{\"a\":\"").unwrap().accepts(b), "accepted whole {:?}", String::from_utf8_lossy(b));
+        }
+        for good in ["é", "€", "😀", "\u{10FFFF}", r"\ud83d\ude00", r"\uD7FF", r"\uE000", r"\uFFFF", r"\u00e9"] {
+            let doc = format!("{{\"a\":\"{good}\"}}");
+            let c = feed(&doc).unwrap_or_else(|| panic!("rejected {doc}"));
+            assert!(c.is_complete());
+            serde_json::from_str::<serde_json::Value>(&doc).unwrap();
+        }
+    }
+
+    #[test]
+    fn closing_completes_unfinished_escapes_and_characters() {
+        for prefix in [
+            r#"{"a":"\"#,
+            r#"{"a":"\u"#,
+            r#"{"a":"\ud"#,
+            r#"{"a":"\ud8"#,
+            r#"{"a":"\ud83"#,
+            r#"{"a":"\ud83d"#,
+            r#"{"a":"\ud83d\"#,
+            r#"{"a":"\ud83d\u"#,
+            r#"{"a":"\ud83d\ud"#,
+            r#"{"a":"\ud83d\ude"#,
+            r#"{"a":"\uDBFF\uDF"#,
+        ] {
+            let c = feed(prefix).unwrap_or_else(|| panic!("rejected {prefix}"));
+            let closed = format!("{prefix}{}", c.closing());
+            assert!(feed(&closed).is_some_and(|c| c.is_complete()), "{closed}");
+            serde_json::from_str::<serde_json::Value>(&closed).unwrap_or_else(|e| panic!("{closed}: {e}"));
+        }
+        // A character cut after its lead byte: the lead decodes as U+FFFD, then the closing.
+        let mut c = feed("{\"a\":\"").unwrap();
+        assert!(feed_bytes(&mut c, b"\xF0\x9F"));
+        let closed = format!("{}{}", String::from_utf8_lossy(b"{\"a\":\"\xF0\x9F"), c.closing());
+        serde_json::from_str::<serde_json::Value>(&closed).unwrap_or_else(|e| panic!("{closed}: {e}"));
+    }
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Token-like pieces a model might propose: structure, literals, escapes (surrogates
+    /// among them), whole and split multi-byte characters, and bytes UTF-8 forbids.
+    fn pieces() -> Vec<Vec<u8>> {
+        let text: &[&str] = &[
+            "{", "}", "[", "]", ",", ":", "\"", " ", "\n", "{\"", "\":", "\",", "\"}", "true", "fal", "se", "null",
+            "0", "1", "42", "-", ".", "5", "e", "E+", "\\", "\\n", "\\\"", "u", "\\u", "d8", "3d", "D83D", "de00",
+            "dc", "DFFF", "\\ud83d", "\\ude00", "00e9", "abc", " word", "é", "€", "😀", "日本",
+        ];
+        let mut out: Vec<Vec<u8>> = text.iter().map(|t| t.as_bytes().to_vec()).collect();
+        for raw in [
+            &b"\xF0\x9F"[..],
+            b"\x98\x80",
+            b"\xE2",
+            b"\x82\xAC",
+            b"\xC3",
+            b"\xA9",
+            b"\xED\xA0",
+            b"\x80",
+            b"\xC0",
+            b"\xFF",
+            b"\xF4\x90",
+        ] {
+            out.push(raw.to_vec());
+        }
+        out
+    }
+
+    /// Random walks through the constraint, as a sampler would take them: whatever it lets
+    /// through, plus its closing when the walk stops early, is strict JSON.
+    #[test]
+    fn random_constrained_outputs_parse_strictly() {
+        let pieces = pieces();
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut completed = 0;
+        for walk in 0..3000 {
+            let mut c = if walk % 2 == 0 { JsonConstraint::object() } else { JsonConstraint::any() };
+            let mut out = Vec::new();
+            let steps = 1 + rng.below(60);
+            for _ in 0..steps {
+                let mut candidates: Vec<Vec<u8>> = pieces.clone();
+                candidates.push(vec![rng.next() as u8]);
+                candidates.retain(|p| c.accepts(p));
+                if candidates.is_empty() {
+                    break;
+                }
+                let p = &candidates[rng.below(candidates.len())];
+                c.advance(p);
+                out.extend_from_slice(p);
+                if c.is_complete() {
+                    break;
+                }
+            }
+            if c.is_complete() {
+                completed += 1;
+                let text = std::str::from_utf8(&out).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+                strict_parse(text);
+            }
+            // What a stream shows when the budget runs out here.
+            let closed = format!("{}{}", String::from_utf8_lossy(&out), c.closing());
+            let first = strict_parse(&closed);
+            assert!(first == '{' || (walk % 2 == 1 && first == '['), "{closed:?}");
+        }
+        assert!(completed > 100, "only {completed} walks completed a document");
+    }
+
+    /// Parses `text` strictly and returns its first character. JSON's grammar allows numbers
+    /// past f64's range (`1e999`), which serde_json's `Value` refuses: those are checked for
+    /// syntax only.
+    fn strict_parse(text: &str) -> char {
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(text) {
+            assert!(e.to_string().starts_with("number out of range"), "{text:?}: {e}");
+            serde_json::from_str::<serde::de::IgnoredAny>(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        }
+        text.chars().next().unwrap_or(' ')
+    }
+
+    fn random_value(rng: &mut Rng, depth: u32) -> serde_json::Value {
+        use serde_json::Value;
+        match rng.below(if depth >= 4 { 5 } else { 7 }) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.below(2) == 0),
+            2 => serde_json::json!(rng.next() as i64 >> rng.below(60)),
+            3 => serde_json::json!((rng.next() as f64 / u64::MAX as f64 - 0.5) * 10f64.powi(rng.below(40) as i32 - 20)),
+            4 => Value::String(
+                (0..rng.below(8))
+                    .map(|_| match rng.below(4) {
+                        0 => char::from_u32(rng.below(0x80) as u32).unwrap_or('a'),
+                        1 => char::from_u32(0x80 + rng.below(0x800) as u32).unwrap_or('é'),
+                        2 => char::from_u32(0x10000 + rng.below(0x100000) as u32).unwrap_or('😀'),
+                        _ => char::from_u32(rng.below(0x11_0000) as u32).unwrap_or('\u{FFFD}'),
+                    })
+                    .collect(),
+            ),
+            5 => Value::Array((0..rng.below(4)).map(|_| random_value(rng, depth + 1)).collect()),
+            _ => Value::Object((0..rng.below(4)).map(|i| (format!("k{i}"), random_value(rng, depth + 1))).collect()),
+        }
+    }
+
+    /// The other direction: every document a strict serializer writes is let through.
+    #[test]
+    fn every_serialized_document_is_accepted() {
+        let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+        for _ in 0..2000 {
+            let doc = serde_json::Value::Object(
+                (0..1 + rng.below(4)).map(|i| (format!("f{i}"), random_value(&mut rng, 1))).collect(),
+            );
+            let compact = serde_json::to_string(&doc).unwrap();
+            let spaced = compact.replace("\":", "\": ").replace(",\"", ", \"");
+            for text in [ascii_escaped(&compact), spaced, compact] {
+                let mut c = JsonConstraint::object();
+                let ok = text.as_bytes().iter().all(|&b| feed_bytes(&mut c, &[b]));
+                assert!(ok && c.is_complete(), "rejected {text:?}");
+            }
+        }
+    }
+
+    /// `text` with every non-ASCII character written as `\u` escapes (a surrogate pair past
+    /// the BMP), as serializers with ASCII output do. Such characters only occur in strings.
+    fn ascii_escaped(text: &str) -> String {
+        let mut out = String::new();
+        for ch in text.chars() {
+            if ch.is_ascii() {
+                out.push(ch);
+            } else {
+                for unit in ch.encode_utf16(&mut [0; 2]) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+        out
     }
 
     #[test]
