@@ -166,6 +166,15 @@ impl<'m> Generation<'m> {
 
     /// The next token and its bytes, or `None` when generation has ended.
     pub fn next_token(&mut self) -> Result<Option<(i32, Vec<u8>)>, Error> {
+        match self.step()? {
+            Some(token) => Ok(Some((token, self.token_bytes(token)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Samples and records the next token. Its bytes are only looked up where a constraint
+    /// needs them: text comes from the decoder, so an unconstrained step makes no extra call.
+    fn step(&mut self) -> Result<Option<i32>, Error> {
         if self.finished.is_some() {
             return Ok(None);
         }
@@ -191,14 +200,16 @@ impl<'m> Generation<'m> {
         }
         self.generated.push(token);
         self.next_input = vec![token];
-        let bytes = self.token_bytes(token)?;
-        if let Some(c) = &mut self.options.constraint {
-            c.advance(&bytes);
-            if c.is_complete() {
-                self.finished = Some(FinishReason::Stop);
+        if self.options.constraint.is_some() {
+            let bytes = self.token_bytes(token)?;
+            if let Some(c) = &mut self.options.constraint {
+                c.advance(&bytes);
+                if c.is_complete() {
+                    self.finished = Some(FinishReason::Stop);
+                }
             }
         }
-        Ok(Some((token, bytes)))
+        Ok(Some(token))
     }
 
     fn finish(&mut self, reason: FinishReason) {
@@ -217,7 +228,7 @@ impl<'m> Generation<'m> {
         let model = self.model;
         let decode = |ids: &[i32]| model.detokenize(ids);
         loop {
-            if let Some((token, _)) = self.next_token()? {
+            if let Some(token) = self.step()? {
                 let piece = self.text.push(token, decode)?;
                 self.held.push_str(&piece);
             }
