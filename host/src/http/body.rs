@@ -144,6 +144,9 @@ impl<G: Send + 'static> Drop for ResponseBody<G> {
             None if self.content_length == Some(self.sent) || self.inner.is_end_stream() => Ending::Complete,
             None => Ending::ClientGone,
         };
+        // The inner body goes first: for a plugin that stops the guest's inference at once,
+        // so whoever sees the ending recorded also sees no more tokens decoded for it.
+        drop(std::mem::take(&mut self.inner));
         if let (Some(g), Some(f)) = (self.guard.take(), self.on_done.take()) {
             f(ending, g);
         }

@@ -9,6 +9,7 @@
 mod bindings;
 mod llm;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,9 @@ pub struct NnCtx {
     max_tensor_bytes: usize,
     /// The guest trapped for holding more tensor bytes than `max_tensor_bytes`.
     tensor_limit_hit: bool,
+    /// Set when nobody waits for this instance's answer any more (the client went away):
+    /// no further tokens are decoded for it, even before the instance itself is stopped.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl NnCtx {
@@ -122,7 +126,13 @@ impl NnCtx {
             tensor_bytes: 0,
             max_tensor_bytes,
             tensor_limit_hit: false,
+            abandoned: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// A flag that, once set, makes every further inference call of this instance fail.
+    pub fn abandonment(&self) -> Arc<AtomicBool> {
+        self.abandoned.clone()
     }
 
     fn note_call(&mut self) {
@@ -362,6 +372,10 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             Ok(parsed) => parsed,
             Err((code, msg)) => return Ok(Err(self.error(code, msg)?)),
         };
+        if self.ctx.abandoned.load(Ordering::Relaxed) {
+            let msg = "the client went away; this request is abandoned";
+            return Ok(Err(self.error(ErrorCode::RuntimeError, msg)?));
+        }
         let result = self.table.get_mut(&ctx)?.sequence.feed(&ids, want).await;
         let out = match result {
             Ok(out) => out,

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -91,10 +92,16 @@ pub enum BodyError {
     Unfinished { plugin: String, message: String },
 }
 
-struct AbortOnDrop(AbortHandle);
+/// Stops a guest run when dropped. The abandonment flag stops its inference calls at once;
+/// the abort itself only takes effect when the executor next polls the run.
+struct AbortOnDrop {
+    run: AbortHandle,
+    abandoned: Arc<AtomicBool>,
+}
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        self.abandoned.store(true, Ordering::Relaxed);
+        self.run.abort();
     }
 }
 
@@ -189,6 +196,7 @@ impl PluginRuntime {
                 self.nn_observer.clone(),
             ),
         };
+        let abandoned = state.nn.abandonment();
         let mut store = Store::new(&self.wasm, state);
         store.limiter(|s| &mut s.limits);
         // Every epoch tick, a running guest yields to the executor; past the deadline it traps.
@@ -242,7 +250,7 @@ impl PluginRuntime {
         });
         // Until the response is handed over, dropping this future (the client went away)
         // stops the guest too; afterwards the response body carries the guard.
-        let guard = AbortOnDrop(task.abort_handle());
+        let guard = AbortOnDrop { run: task.abort_handle(), abandoned };
         match rx.await {
             Ok(Ok(response)) => Ok(response.map(|inner| PluginBody {
                 inner,
