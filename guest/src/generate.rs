@@ -1,6 +1,6 @@
 //! The decode loop: sample, stop, detokenize incrementally.
 
-use crate::constraint::Constraint;
+use crate::constraint::{Constraint, Vocab};
 use crate::model::{Model, Session};
 use crate::sampling::Sampler;
 use crate::text::TextDecoder;
@@ -74,7 +74,8 @@ pub struct Generation<'m> {
     flushed: bool,
     /// Decoded text held back because it may be the start of a stop sequence.
     held: String,
-    vocab_bytes: Option<Vec<Vec<u8>>>,
+    /// The vocabulary's bytes, fetched once a constraint needs them.
+    vocab: Option<Vocab>,
     finished: Option<FinishReason>,
 }
 
@@ -117,7 +118,7 @@ impl<'m> Generation<'m> {
             closing: String::new(),
             flushed: false,
             held: String::new(),
-            vocab_bytes: None,
+            vocab: None,
             finished: None,
         })
     }
@@ -141,25 +142,21 @@ impl<'m> Generation<'m> {
     /// Ids allowed by the constraint in its current state.
     fn allowed(&mut self) -> Result<Option<Vec<i32>>, Error> {
         let Some(c) = &self.options.constraint else { return Ok(None) };
-        if self.vocab_bytes.is_none() {
+        if self.vocab.is_none() {
             let ids: Vec<i32> = (0..self.model.info().vocab_size as i32).collect();
-            self.vocab_bytes = Some(self.model.token_bytes(&ids)?);
+            self.vocab = Some(Vocab::new(self.model.token_bytes(&ids)?));
         }
-        let vocab = self.vocab_bytes.as_deref().unwrap_or_default();
+        let Some(vocab) = &self.vocab else { return Ok(None) };
+        let mut allowed = Vec::new();
+        c.allowed(vocab, &mut allowed);
         let eog = &self.model.info().end_of_generation;
-        Ok(Some(
-            vocab
-                .iter()
-                .enumerate()
-                .filter(|(id, bytes)| !eog.contains(&(*id as i32)) && c.accepts(bytes))
-                .map(|(id, _)| id as i32)
-                .collect(),
-        ))
+        allowed.retain(|id| !eog.contains(id));
+        Ok(Some(allowed))
     }
 
     fn token_bytes(&self, token: i32) -> Result<Vec<u8>, Error> {
-        match &self.vocab_bytes {
-            Some(v) => Ok(v.get(token as usize).cloned().unwrap_or_default()),
+        match &self.vocab {
+            Some(v) => Ok(v.token(token).to_vec()),
             None => Ok(self.model.token_bytes(&[token])?.pop().unwrap_or_default()),
         }
     }

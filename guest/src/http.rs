@@ -49,8 +49,27 @@ impl Request {
         }
         let text = std::str::from_utf8(&self.body)
             .map_err(|e| HttpError::bad_request(format!("the request body is not valid UTF-8: {e}")))?;
-        serde_json::from_str(text).map_err(HttpError::from)
+        let mut de = serde_json::Deserializer::from_str(text);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| field_error(&e))?;
+        de.end().map_err(HttpError::from)?;
+        Ok(value)
     }
+}
+
+/// Parse `T` from JSON already read, with the same errors as [`Request::json`]: a type
+/// error names the field at fault (`param`), as `messages[0].role`.
+pub fn from_json_value<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, HttpError> {
+    serde_path_to_error::deserialize(value).map_err(|e| field_error(&e))
+}
+
+fn field_error(e: &serde_path_to_error::Error<serde_json::Error>) -> HttpError {
+    let path = e.path().to_string();
+    // Broken syntax is no field's fault, and the root (".") is no field.
+    let syntax = e.inner().classify() != serde_json::error::Category::Data;
+    if syntax || path == "." || path.is_empty() {
+        return HttpError::bad_request(format!("invalid JSON body: {}", e.inner()));
+    }
+    HttpError::bad_request(format!("invalid value for {path}: {}", e.inner())).with_param(&path)
 }
 
 fn method_name(m: &Method) -> String {

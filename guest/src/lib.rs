@@ -53,10 +53,10 @@ pub mod bindings {
     });
 }
 
-pub use constraint::{Constraint, JsonConstraint};
+pub use constraint::{Constraint, JsonConstraint, SchemaConstraint, SchemaError, Vocab};
 pub use error::{Error, HttpError};
 pub use generate::{FinishReason, GenerateOptions, Generation};
-pub use http::{serve, Handler, Request, Responder, SseStream};
+pub use http::{from_json_value, serve, Handler, Request, Responder, SseStream};
 pub use model::{Candidates, ChatMessage, Model, ModelInfo, Session, Want};
 pub use params::{max_tokens, SamplingParams, Stop};
 pub use sampling::Sampler;

@@ -14,6 +14,8 @@ pub struct SamplingParams {
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// llama.cpp's name for `repetition_penalty`.
+    pub repeat_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub seed: Option<u64>,
@@ -52,7 +54,15 @@ impl SamplingParams {
             }
             s = s.top_k(k as u32);
         }
-        if let Some(p) = range("repetition_penalty", self.repetition_penalty, 0.01, 10.0)? {
+        let repetition = match (self.repetition_penalty, self.repeat_penalty) {
+            (Some(_), Some(_)) => {
+                return Err(HttpError::bad_request("send repetition_penalty or repeat_penalty, not both")
+                    .with_param("repeat_penalty"))
+            }
+            (None, Some(p)) => range("repeat_penalty", Some(p), 0.01, 10.0)?,
+            (p, None) => range("repetition_penalty", p, 0.01, 10.0)?,
+        };
+        if let Some(p) = repetition {
             s = s.repetition_penalty(p);
         }
         if let Some(p) = range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)? {

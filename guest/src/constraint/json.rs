@@ -1,67 +1,9 @@
-//! Constrained decoding: at each step only tokens that keep the output valid may be chosen.
-//!
-//! [`JsonConstraint`] is a pushdown automaton over JSON's syntax. For every step it tests
-//! each vocabulary token's bytes against the current state and hands the survivors to the
-//! host as `allowed_ids`, so the host's top-k only ranks valid continuations.
+//! [`JsonConstraint`]: a pushdown automaton over JSON's syntax alone.
 
-/// Decides which tokens may come next.
-pub trait Constraint {
-    /// Whether `bytes` may be appended now.
-    fn accepts(&self, bytes: &[u8]) -> bool;
-    /// Record that `bytes` were appended.
-    fn advance(&mut self, bytes: &[u8]);
-    /// Whether the output is complete (generation should stop).
-    fn is_complete(&self) -> bool;
-    /// Text that completes the output validly, for when the token budget runs out.
-    fn closing(&self) -> String;
-}
+use super::lexer::{Lexed, NumKind, NumLex, StrLex};
+use super::{Constraint, Vocab};
 
 const MAX_DEPTH: usize = 32;
-
-/// Where a string is between its quotes: what the next byte must be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Esc {
-    None,
-    /// After a backslash; `low`: this escape must be the low half of a surrogate pair.
-    Backslash {
-        low: bool,
-    },
-    /// A `\u` escape: `left` hex digits still to come, `value` those seen so far.
-    Unicode {
-        left: u8,
-        value: u16,
-        low: bool,
-    },
-    /// A high surrogate was escaped: a `\uDC00`..`\uDFFF` must follow at once, since a lone
-    /// surrogate is not a character and strict parsers reject it.
-    LowSurrogate,
-    /// Inside a multi-byte UTF-8 character: `left` continuation bytes to come, the next one
-    /// in `lo..=hi` (RFC 3629's table, which rules out overlong forms, encoded surrogates
-    /// and code points past U+10FFFF).
-    Utf8 {
-        left: u8,
-        lo: u8,
-        hi: u8,
-    },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Num {
-    Minus,
-    Zero,
-    Int,
-    Dot,
-    Frac,
-    Exp,
-    ExpSign,
-    ExpDigits,
-}
-
-impl Num {
-    fn complete(self) -> bool {
-        matches!(self, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits)
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -79,9 +21,9 @@ enum Mode {
     AfterValue,
     Str {
         key: bool,
-        esc: Esc,
+        lex: StrLex,
     },
-    Number(Num),
+    Number(NumLex),
     Literal {
         which: u8,
         pos: u8,
@@ -166,21 +108,16 @@ impl JsonConstraint {
             // Scalars only inside containers: a bare top-level scalar has no clear end.
             _ if top_level => false,
             b'"' => {
-                self.mode = Mode::Str { key: false, esc: Esc::None };
+                self.mode = Mode::Str { key: false, lex: StrLex::Plain };
                 true
             }
-            b'-' => {
-                self.mode = Mode::Number(Num::Minus);
-                true
-            }
-            b'0' => {
-                self.mode = Mode::Number(Num::Zero);
-                true
-            }
-            b'1'..=b'9' => {
-                self.mode = Mode::Number(Num::Int);
-                true
-            }
+            b'-' | b'0'..=b'9' => match NumLex::start(c, NumKind::Json) {
+                Some(n) => {
+                    self.mode = Mode::Number(n);
+                    true
+                }
+                None => false,
+            },
             b't' | b'f' | b'n' => {
                 let which = match c {
                     b't' => 0,
@@ -201,8 +138,33 @@ impl JsonConstraint {
         self.last_was_space = false;
         match self.mode {
             Mode::Done => false,
-            Mode::Str { key, esc } => self.step_string(c, key, esc),
-            Mode::Number(n) => self.step_number(c, n),
+            Mode::Str { key, mut lex } => match lex.step(c) {
+                Lexed::More => {
+                    self.mode = Mode::Str { key, lex };
+                    true
+                }
+                Lexed::End if key => {
+                    self.mode = Mode::Colon;
+                    true
+                }
+                Lexed::End => {
+                    self.value_done();
+                    true
+                }
+                Lexed::After | Lexed::Reject => false,
+            },
+            Mode::Number(mut n) => match n.step(c) {
+                Lexed::More | Lexed::End => {
+                    self.mode = Mode::Number(n);
+                    true
+                }
+                Lexed::After => {
+                    // The number ended; this byte belongs to what follows it.
+                    self.value_done();
+                    self.step(c)
+                }
+                Lexed::Reject => false,
+            },
             Mode::Literal { which, pos } => {
                 let lit = LITERALS[which as usize];
                 if lit.get(pos as usize) != Some(&c) {
@@ -231,7 +193,7 @@ impl JsonConstraint {
             }
             Mode::ObjectStart | Mode::Key => match c {
                 b'"' => {
-                    self.mode = Mode::Str { key: true, esc: Esc::None };
+                    self.mode = Mode::Str { key: true, lex: StrLex::Plain };
                     true
                 }
                 b'}' if self.mode == Mode::ObjectStart => self.pop(b'}'),
@@ -259,95 +221,6 @@ impl JsonConstraint {
             },
         }
     }
-
-    fn step_string(&mut self, c: u8, key: bool, esc: Esc) -> bool {
-        let next = match esc {
-            Esc::LowSurrogate if c == b'\\' => Esc::Backslash { low: true },
-            Esc::LowSurrogate => return false,
-            Esc::Backslash { low: true } if c == b'u' => Esc::Unicode { left: 4, value: 0, low: true },
-            Esc::Backslash { low: true } => return false,
-            Esc::Backslash { low: false } => match c {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Esc::None,
-                b'u' => Esc::Unicode { left: 4, value: 0, low: false },
-                _ => return false,
-            },
-            Esc::Unicode { left, value, low } => {
-                let Some(digit) = (c as char).to_digit(16) else { return false };
-                let value = value << 4 | digit as u16;
-                // Reject a surrogate as soon as its leading digits show it: a low half
-                // outside a pair, or anything but a low half inside one.
-                let ok = match (low, 5 - left) {
-                    (true, 1) => value == 0xD,
-                    (true, 2) => (0xDC..=0xDF).contains(&value),
-                    (false, 2) => !(0xDC..=0xDF).contains(&value),
-                    _ => true,
-                };
-                if !ok {
-                    return false;
-                }
-                match left {
-                    1 if !low && (0xD800..=0xDBFF).contains(&value) => Esc::LowSurrogate,
-                    1 => Esc::None,
-                    _ => Esc::Unicode { left: left - 1, value, low },
-                }
-            }
-            Esc::Utf8 { left, lo, hi } => {
-                if !(lo..=hi).contains(&c) {
-                    return false;
-                }
-                if left == 1 {
-                    Esc::None
-                } else {
-                    Esc::Utf8 { left: left - 1, lo: 0x80, hi: 0xBF }
-                }
-            }
-            Esc::None => match c {
-                b'"' => {
-                    if key {
-                        self.mode = Mode::Colon;
-                    } else {
-                        self.value_done();
-                    }
-                    return true;
-                }
-                b'\\' => Esc::Backslash { low: false },
-                0..=0x1f => return false,
-                0x20..=0x7f => Esc::None,
-                0xC2..=0xDF => Esc::Utf8 { left: 1, lo: 0x80, hi: 0xBF },
-                0xE0 => Esc::Utf8 { left: 2, lo: 0xA0, hi: 0xBF },
-                0xE1..=0xEC | 0xEE..=0xEF => Esc::Utf8 { left: 2, lo: 0x80, hi: 0xBF },
-                0xED => Esc::Utf8 { left: 2, lo: 0x80, hi: 0x9F },
-                0xF0 => Esc::Utf8 { left: 3, lo: 0x90, hi: 0xBF },
-                0xF1..=0xF3 => Esc::Utf8 { left: 3, lo: 0x80, hi: 0xBF },
-                0xF4 => Esc::Utf8 { left: 3, lo: 0x80, hi: 0x8F },
-                // Continuation bytes without a lead, overlong leads, and bytes UTF-8 never uses.
-                _ => return false,
-            },
-        };
-        self.mode = Mode::Str { key, esc: next };
-        true
-    }
-
-    fn step_number(&mut self, c: u8, n: Num) -> bool {
-        let next = match (n, c) {
-            (Num::Minus, b'0') => Num::Zero,
-            (Num::Minus, b'1'..=b'9') => Num::Int,
-            (Num::Int, b'0'..=b'9') => Num::Int,
-            (Num::Zero | Num::Int, b'.') => Num::Dot,
-            (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
-            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
-            (Num::Exp, b'+' | b'-') => Num::ExpSign,
-            (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => Num::ExpDigits,
-            _ if n.complete() => {
-                // The number ended; this byte belongs to what follows it.
-                self.value_done();
-                return self.step(c);
-            }
-            _ => return false,
-        };
-        self.mode = Mode::Number(next);
-        true
-    }
 }
 
 impl Constraint for JsonConstraint {
@@ -370,37 +243,26 @@ impl Constraint for JsonConstraint {
         self.mode == Mode::Done
     }
 
+    fn allowed(&self, vocab: &Vocab, out: &mut Vec<i32>) {
+        if matches!(self.mode, Mode::Str { lex: StrLex::Plain, .. }) {
+            vocab.scan_in_string(*self, |s, b| s.step(b), out);
+        } else {
+            vocab.scan(*self, |s, b| s.step(b), out);
+        }
+    }
+
     fn closing(&self) -> String {
         let mut out = String::new();
         let mut s = *self;
         match s.mode {
             Mode::Done => return out,
-            Mode::Str { key, esc } => {
-                match esc {
-                    Esc::Backslash { low: false } => out.push('n'),
-                    Esc::Backslash { low: true } => out.push_str("udc00"),
-                    Esc::LowSurrogate => out.push_str("\\udc00"),
-                    Esc::Unicode { left, value, low } => {
-                        let digits = match (low, 4 - left) {
-                            (true, 0) => "dc00",
-                            (true, 1) => "c00",
-                            _ => &"0000"[..left as usize],
-                        };
-                        out.push_str(digits);
-                        let whole = u32::from(value) << (4 * u32::from(left));
-                        if !low && (0xD800..=0xDBFF).contains(&whole) {
-                            out.push_str("\\udc00");
-                        }
-                    }
-                    // The unfinished character's bytes decode as one U+FFFD, a whole character.
-                    Esc::Utf8 { .. } | Esc::None => {}
-                }
-                out.push('"');
+            Mode::Str { key, lex } => {
+                out.push_str(&lex.closing());
                 if key {
                     out.push_str(":null");
                 }
             }
-            Mode::Number(n) if !n.complete() => out.push('0'),
+            Mode::Number(n) => out.push_str(n.closing()),
             Mode::Literal { which, pos } => {
                 out.push_str(std::str::from_utf8(&LITERALS[which as usize][pos as usize..]).unwrap_or(""));
             }
