@@ -4,13 +4,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-# The tests drive the OpenAI API with the official Python client.
-if ! python3 -c "import openai" >/dev/null 2>&1; then
-  echo "setup: installing the openai Python client"
-  # Debian's own python3 refuses system-wide installs (PEP 668): fall back to the user site.
-  python3 -m pip install -q --disable-pip-version-check "openai==3.57.0" 2>/dev/null || \
-    python3 -m pip install -q --disable-pip-version-check --user --break-system-packages "openai==3.57.0"
-fi
+# The tests drive the OpenAI API with the official Python client, and validate structured
+# output with the reference JSON Schema validator.
+for pkg in openai==3.57.0 jsonschema==4.26.0; do
+  if ! python3 -c "import ${pkg%%=*}" >/dev/null 2>&1; then
+    echo "setup: installing $pkg"
+    # Debian's own python3 refuses system-wide installs (PEP 668): fall back to the user site.
+    python3 -m pip install -q --disable-pip-version-check "$pkg" 2>/dev/null || \
+      python3 -m pip install -q --disable-pip-version-check --user --break-system-packages "$pkg"
+  fi
+done
 
 # The fleet test balances real nodes with Debian's nginx.
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then

@@ -52,8 +52,11 @@ async fn every_bad_request_gets_a_clear_json_error() {
     let cases = [
         ("{\"model\": \"tiny\", \"messages\": [".to_string(), "invalid JSON"),
         (String::new(), "empty"),
-        (r#"{"model": "tiny", "messages": "hi"}"#.to_string(), "invalid JSON"),
-        (format!(r#"{{"model": "tiny", "messages": {hi}, "max_tokens": "ten"}}"#), "invalid JSON"),
+        // A value of the wrong type names its field.
+        (r#"{"model": "tiny", "messages": "hi"}"#.to_string(), "invalid value for messages"),
+        (format!(r#"{{"model": "tiny", "messages": {hi}, "max_tokens": "ten"}}"#), "invalid value for max_tokens"),
+        (r#"{"model": "tiny", "messages": [{"role": 7}]}"#.to_string(), "invalid value for messages[0].role"),
+        (r#"["not", "an", "object"]"#.to_string(), "invalid JSON"),
         (format!(r#"{{"model": "tiny", "messages": {hi}, "max_tokens": -5}}"#), "max_tokens"),
         (format!(r#"{{"model": "tiny", "messages": {hi}, "max_tokens": 1000000000000}}"#), "max_tokens"),
         (r#"{"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}"#.to_string(), "role"),

@@ -45,6 +45,29 @@ fn python_client(url: &str, key: Option<&str>) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_field_of_the_openai_clients_requests_is_honoured_or_refused() {
+    let s = openai_server(|_| {}).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openai_surface.py");
+    let url = format!("{}/v1", s.url);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3").arg(script).arg(url).arg("tiny").output().expect("run python3")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "the walk over the client's fields failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the walk prints JSON");
+    // Both endpoints were walked, field by field.
+    assert!(report["checked"]["chat"].as_object().unwrap().len() > 40, "{report}");
+    assert!(report["checked"]["completions"].as_object().unwrap().len() > 20, "{report}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_client_works_unmodified() {
     let s = openai_server(|_| {}).await;
     let url = s.url.clone();

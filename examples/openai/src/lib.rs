@@ -4,15 +4,20 @@
 //! `POST /v1/chat/completions`, with `stream: true` as SSE chunks ending in `data: [DONE]`,
 //! usage counts (also streamed with `stream_options.include_usage`), `stop`, `max_tokens`
 //! (`max_completion_tokens`), `temperature`, `top_p`, `seed`, `logit_bias`, penalties and
-//! `response_format: {"type": "json_object"}` (constrained decoding). Errors use OpenAI's
-//! shape. Extensions: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`.
+//! `response_format` `json_object` and `json_schema` (constrained decoding). Errors use OpenAI's
+//! shape. Extensions: `top_k`, `min_p`, `repetition_penalty` (`repeat_penalty`), `ignore_eos`.
+//! Every other field is refused with a 400 naming it (see `fields`), never dropped.
 
+mod fields;
+
+use fields::Endpoint;
 use flywheel_guest::{
-    export_plugin, max_tokens, ChatMessage, GenerateOptions, Generation, Handler, HttpError, JsonConstraint, Model,
-    Request, Responder, SamplingParams, SseStream, Stop,
+    export_plugin, from_json_value, max_tokens, ChatMessage, Constraint, GenerateOptions, Generation, Handler,
+    HttpError, JsonConstraint, Model, Request, Responder, SamplingParams, SchemaConstraint, SseStream, Stop,
 };
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 struct OpenAi;
 
@@ -69,27 +74,41 @@ fn random_id(prefix: &str) -> String {
 
 use flywheel_guest::wasip2;
 
-/// Fields both endpoints share.
+/// Fields both endpoints share (`null` is the same as absent, as in OpenAI's API).
 #[derive(Deserialize)]
 struct Common {
     model: Option<String>,
     max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
     stop: Option<Stop>,
-    #[serde(default)]
-    stream: bool,
+    stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     n: Option<i64>,
-    #[serde(default)]
-    ignore_eos: bool,
-    #[serde(flatten)]
+    ignore_eos: Option<bool>,
+    #[serde(skip)]
     sampling: SamplingParams,
+}
+
+impl Common {
+    fn streaming(&self) -> bool {
+        self.stream == Some(true)
+    }
 }
 
 #[derive(Deserialize)]
 struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
+    include_usage: Option<bool>,
+}
+
+/// A request body of `endpoint`: its fields vetted, then the shared ones and the
+/// endpoint's own (`T`) parsed, each type error naming its field.
+fn read_body<T: DeserializeOwned>(req: &Request, endpoint: Endpoint) -> Result<(T, Common), HttpError> {
+    let body: Map<String, Value> = req.json()?;
+    fields::check(endpoint, &body)?;
+    let body = Value::Object(body);
+    let mut common: Common = from_json_value(&body)?;
+    common.sampling = from_json_value(&body)?;
+    Ok((from_json_value(&body)?, common))
 }
 
 /// What a request resolved to, before generating.
@@ -112,10 +131,13 @@ fn prepare(common: &Common) -> Result<Prepared, HttpError> {
     };
     let model = Model::open(&name)?;
     let info = model.info();
-    let limit = max_tokens(common.max_completion_tokens.or(common.max_tokens), 256, info.context_length)?;
+    let limit = match common.max_completion_tokens {
+        Some(n) => max_tokens(Some(n), 256, info.context_length).map_err(|e| e.with_param("max_completion_tokens"))?,
+        None => max_tokens(common.max_tokens, 256, info.context_length)?,
+    };
     let sampler = common.sampling.sampler(1.0, info.vocab_size)?;
     let mut options = GenerateOptions::max_tokens(limit);
-    options.stop_at_end_of_generation = !common.ignore_eos;
+    options.stop_at_end_of_generation = common.ignore_eos != Some(true);
     for s in common.stop.clone().map(Stop::into_vec).transpose()?.unwrap_or_default() {
         options = options.stop(s);
     }
@@ -147,15 +169,13 @@ enum Prompt {
 #[derive(Deserialize)]
 struct CompletionRequest {
     prompt: Prompt,
-    #[serde(default)]
-    echo: bool,
-    #[serde(flatten)]
-    common: Common,
+    echo: Option<bool>,
 }
 
 fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
-    let body: CompletionRequest = req.json()?;
-    let mut p = prepare(&body.common)?;
+    let (body, common): (CompletionRequest, Common) = read_body(req, Endpoint::Completions)?;
+    let echo = body.echo == Some(true);
+    let mut p = prepare(&common)?;
     let (prompt_text, tokens) = match &body.prompt {
         Prompt::Text(t) => (t.clone(), p.model.tokenize(t)?),
         Prompt::Texts(v) if v.len() == 1 => (v[0].clone(), p.model.tokenize(&v[0])?),
@@ -176,9 +196,9 @@ fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
             "choices": [{ "text": text, "index": 0, "logprobs": null, "finish_reason": reason }],
         })
     };
-    if body.common.stream {
+    if common.streaming() {
         stream_or_fail(res.sse()?, |sse| {
-            if body.echo {
+            if echo {
                 sse.send_json(&chunk(&prompt_text, None))?;
             }
             while let Some(text) = generation.next_text()? {
@@ -187,14 +207,14 @@ fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
             sse.send_json(&chunk("", Some(finish_reason(&generation))))?;
             send_usage(
                 sse,
-                &body.common,
+                &common,
                 &generation,
                 |u| json!({ "id": id, "object": "text_completion", "created": created, "model": name, "choices": [], "usage": u }),
             )
         })
     } else {
         let mut text = generation.collect_text()?;
-        if body.echo {
+        if echo {
             text = prompt_text + &text;
         }
         let mut out = chunk(&text, Some(finish_reason(&generation)));
@@ -236,7 +256,7 @@ fn send_usage(
     g: &Generation,
     usage_chunk: impl Fn(Value) -> Value,
 ) -> Result<(), HttpError> {
-    if common.stream_options.as_ref().is_some_and(|o| o.include_usage) {
+    if common.stream_options.as_ref().is_some_and(|o| o.include_usage == Some(true)) {
         sse.send_json(&usage_chunk(usage(g)))?;
     }
     Ok(())
@@ -248,8 +268,6 @@ fn send_usage(
 struct ChatRequest {
     messages: Vec<Message>,
     response_format: Option<ResponseFormat>,
-    #[serde(flatten)]
-    common: Common,
 }
 
 #[derive(Deserialize)]
@@ -273,9 +291,54 @@ struct Part {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ResponseFormat {
     #[serde(rename = "type")]
     kind: String,
+    json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSchemaFormat {
+    name: String,
+    /// A note for the model; the schema's own descriptions are what it is shown.
+    #[serde(rename = "description")]
+    _description: Option<String>,
+    schema: Option<Value>,
+    /// The output follows the schema whether or not strict is asked for.
+    #[serde(rename = "strict")]
+    _strict: Option<bool>,
+}
+
+/// The constraint `response_format` asks for, if any.
+fn output_constraint(format: Option<&ResponseFormat>) -> Result<Option<Box<dyn Constraint>>, HttpError> {
+    let refuse = |msg: String| HttpError::bad_request(msg).with_param("response_format");
+    let Some(format) = format else { return Ok(None) };
+    match (format.kind.as_str(), &format.json_schema) {
+        ("text", None) => Ok(None),
+        ("json_object", None) => Ok(Some(Box::new(JsonConstraint::object()))),
+        ("json_schema", Some(spec)) => {
+            let valid_name = !spec.name.is_empty()
+                && spec.name.len() <= 64
+                && spec.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid_name {
+                return Err(refuse("json_schema.name must be 1 to 64 letters, digits, _ or -".into()));
+            }
+            match &spec.schema {
+                None => Ok(Some(Box::new(JsonConstraint::object()))),
+                Some(schema) => match SchemaConstraint::new(schema) {
+                    Ok(c) => Ok(Some(Box::new(c))),
+                    Err(e) => Err(refuse(format!("response_format.json_schema.schema: {e}"))),
+                },
+            }
+        }
+        ("json_schema", None) => Err(refuse("response_format of type json_schema needs a json_schema".into())),
+        ("text" | "json_object", Some(_)) => Err(refuse("json_schema belongs to the type json_schema".into())),
+        (other, _) => Err(refuse(format!(
+            "response_format type {other:?} is not supported; use \"text\", \"json_object\" or \"json_schema\""
+        ))),
+    }
 }
 
 fn message_text(m: &Message) -> Result<String, HttpError> {
@@ -295,7 +358,7 @@ fn message_text(m: &Message) -> Result<String, HttpError> {
 }
 
 fn chat_completions(req: &Request, res: Responder) -> Result<(), HttpError> {
-    let body: ChatRequest = req.json()?;
+    let (body, common): (ChatRequest, Common) = read_body(req, Endpoint::Chat)?;
     if body.messages.is_empty() {
         return Err(HttpError::bad_request("messages must not be empty").with_param("messages"));
     }
@@ -310,28 +373,17 @@ fn chat_completions(req: &Request, res: Responder) -> Result<(), HttpError> {
         };
         messages.push(ChatMessage { role: role.into(), content: message_text(m)? });
     }
-    let mut p = prepare(&body.common)?;
-    let json_mode = match body.response_format.as_ref().map(|f| f.kind.as_str()) {
-        None | Some("text") => false,
-        Some("json_object") => true,
-        Some(other) => {
-            return Err(HttpError::bad_request(format!(
-                "response_format type {other:?} is not supported; use \"json_object\""
-            ))
-            .with_param("response_format"))
-        }
-    };
+    let constraint = output_constraint(body.response_format.as_ref())?;
+    let mut p = prepare(&common)?;
     let tokens = p.model.chat_prompt(&messages)?;
     let mut options = std::mem::replace(&mut p.options, GenerateOptions::max_tokens(0));
-    if json_mode {
-        options = options.constraint(JsonConstraint::object());
-    }
+    options.constraint = constraint;
     let mut generation =
         p.model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "messages"))?;
     let id = random_id("chatcmpl");
     let created = now();
     let name = p.name.clone();
-    if body.common.stream {
+    if common.streaming() {
         let chunk = |delta: Value, reason: Option<&str>| {
             json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -347,7 +399,7 @@ fn chat_completions(req: &Request, res: Responder) -> Result<(), HttpError> {
             sse.send_json(&chunk(json!({}), Some(finish_reason(&generation))))?;
             send_usage(
                 sse,
-                &body.common,
+                &common,
                 &generation,
                 |u| json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [], "usage": u }),
             )

@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""Walks every request field the official `openai` client defines for chat and text
+completions and checks that the server honours it (its effect is visible) or refuses it
+with a 400 naming it: never that it is dropped. Prints a JSON report; exits 1 on any
+failure. Used by tests/http.rs; by hand:
+
+    python3 tests/openai_surface.py http://127.0.0.1:8080/v1 smollm2
+
+A field the installed client knows but this table does not fails the walk: a new field
+must be classified before it can be forgotten.
+"""
+import json
+import sys
+import typing
+
+import jsonschema
+import openai
+from openai import OpenAI
+from openai.types import completion_create_params as completion_types
+from openai.types.chat import completion_create_params as chat_types
+
+base_url, model = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+failures = []
+checked = {"chat": {}, "completions": {}}
+PROMPT = "once upon a time"
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+def call(endpoint, **kw):
+    """One request; returns (text, response). Greedy, 16 tokens, no early end by default."""
+    kw.setdefault("model", model)
+    kw.setdefault("max_tokens", 16)
+    kw.setdefault("temperature", 0)
+    extra = kw.pop("extra_body", {})
+    extra.setdefault("ignore_eos", True)
+    if endpoint == "chat":
+        kw.setdefault("messages", MESSAGES)
+        r = client.chat.completions.create(**kw, extra_body=extra)
+    else:
+        kw.setdefault("prompt", PROMPT)
+        r = client.completions.create(**kw, extra_body=extra)
+    if kw.get("stream"):
+        chunks = list(r)
+        text = "".join(
+            (c.choices[0].delta.content or "") if endpoint == "chat" else c.choices[0].text
+            for c in chunks
+            if c.choices
+        )
+        return text, chunks
+    choice = r.choices[0]
+    return (choice.message.content if endpoint == "chat" else choice.text), r
+
+
+def refused(endpoint, field, value, **kw):
+    """The field with this value must be refused with 400 naming it, streaming or not."""
+    for stream in (False, True):
+        args = dict(kw)
+        if stream:
+            args["stream"] = True
+        if field in ("top_k", "min_p", "repeat_penalty", "repetition_penalty", "ignore_eos", "foo"):
+            args["extra_body"] = {field: value}
+        else:
+            args[field] = value
+        try:
+            call(endpoint, **args)
+        except openai.BadRequestError as e:
+            if e.param != field:
+                raise AssertionError(f"{field}={value!r} was refused naming {e.param!r}: {e.message}")
+            continue
+        raise AssertionError(f"{field}={value!r} (stream={stream}) was accepted, but it is not supported")
+
+
+def expect(condition, message):
+    if not condition:
+        raise AssertionError(message)
+
+
+def greedy(endpoint, **kw):
+    return call(endpoint, **kw)[0]
+
+
+# ---- checks shared by both endpoints -------------------------------------------------------
+
+
+def check_model(ep):
+    greedy(ep)
+    try:
+        call(ep, model="no-such-model")
+        raise AssertionError("an unknown model was accepted")
+    except openai.NotFoundError as e:
+        expect(e.param == "model", f"unknown model named {e.param!r}")
+
+
+def check_max_tokens(ep, field="max_tokens"):
+    _, r = call(ep, **{"max_tokens": None, field: 3})
+    expect(r.usage.completion_tokens == 3, f"{field}=3 gave {r.usage.completion_tokens} tokens")
+    expect(r.choices[0].finish_reason == "length", "finish_reason is not length")
+    refused(ep, field, -1)
+
+
+def check_stop(ep):
+    base = greedy(ep)
+    cut = next(i for i in range(3, len(base) - 1) if base[i:i + 2].strip())
+    stop = base[cut:cut + 2]
+    text, r = call(ep, stop=[stop])
+    expect(text == base[:base.index(stop)], f"stop {stop!r}: {text!r} from {base!r}")
+    expect(r.choices[0].finish_reason == "stop", "finish_reason is not stop")
+    refused(ep, "stop", ["a", "b", "c", "d", "e"])
+
+
+def check_stream(ep):
+    text, chunks = call(ep, stream=True)
+    expect(len(chunks) > 2 and text == greedy(ep), "the stream does not match the whole answer")
+
+
+def check_stream_options(ep):
+    _, chunks = call(ep, stream=True, stream_options={"include_usage": True})
+    expect(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16, "no usage chunk")
+    _, chunks = call(ep, stream=True, stream_options={"include_usage": False})
+    expect(all(c.usage is None for c in chunks), "usage sent though not asked for")
+    try:
+        call(ep, stream_options={"include_usage": True})
+        raise AssertionError("stream_options without stream was accepted")
+    except openai.BadRequestError as e:
+        expect(e.param == "stream_options", f"named {e.param!r}")
+
+
+def check_temperature(ep):
+    expect(greedy(ep, seed=1) == greedy(ep, seed=2), "temperature 0 is not greedy")
+    expect(greedy(ep, temperature=2, seed=1) != greedy(ep), "temperature 2 gave the greedy answer")
+    refused(ep, "temperature", 3)
+
+
+def check_seed(ep):
+    a = greedy(ep, temperature=1.5, seed=7)
+    expect(a == greedy(ep, temperature=1.5, seed=7), "the same seed gave different answers")
+    expect(a != greedy(ep, temperature=1.5, seed=8), "different seeds gave the same answer")
+
+
+def check_top_p(ep):
+    expect(greedy(ep, temperature=2, seed=1, top_p=1e-6) == greedy(ep), "a tiny top_p is not greedy")
+    refused(ep, "top_p", 1.5)
+
+
+def check_penalty(field):
+    def check(ep):
+        plain = greedy(ep, max_tokens=32)
+        expect(greedy(ep, max_tokens=32, **{field: 2.0}) != plain, f"{field}=2 changed nothing")
+        refused(ep, field, 3.0)
+    return check
+
+
+def check_logit_bias(ep):
+    plain = greedy(ep, max_tokens=4)
+    five = greedy(ep, max_tokens=4, logit_bias={"5": 100})
+    six = greedy(ep, max_tokens=4, logit_bias={"6": 100})
+    expect(five != plain and six != plain and five != six, "a +100 bias did not force its token")
+    refused(ep, "logit_bias", {"not-a-token": 1})
+
+
+def check_n(ep):
+    greedy(ep, n=1)
+    refused(ep, "n", 2)
+
+
+def check_identifier(field):
+    def check(ep):
+        greedy(ep, **{field: "caller-1"})
+        refused(ep, field, 5)
+    return check
+
+
+def check_extension(field):
+    """llama.cpp's sampling extensions, sent through extra_body as its clients do."""
+    def check(ep):
+        hot = dict(temperature=2, seed=1)
+        if field in ("top_k", "min_p"):
+            forced = greedy(ep, **hot, extra_body={field: 1})
+            expect(forced == greedy(ep), f"{field}=1 at temperature 2 is not greedy")
+        elif field == "ignore_eos":
+            _, r = call(ep, max_tokens=24, extra_body={"ignore_eos": True})
+            expect(r.usage.completion_tokens == 24, "ignore_eos did not generate to the limit")
+        else:
+            plain = greedy(ep, max_tokens=32)
+            penalised = greedy(ep, max_tokens=32, extra_body={field: 5.0})
+            expect(penalised != plain, f"{field}=5 changed nothing")
+        if field != "ignore_eos":
+            refused(ep, field, -1)
+    return check
+
+
+def check_unknown(ep):
+    refused(ep, "foo", 1)
+
+
+COMMON = {
+    "model": check_model,
+    "max_tokens": check_max_tokens,
+    "stop": check_stop,
+    "stream": check_stream,
+    "stream_options": check_stream_options,
+    "temperature": check_temperature,
+    "seed": check_seed,
+    "top_p": check_top_p,
+    "frequency_penalty": check_penalty("frequency_penalty"),
+    "presence_penalty": check_penalty("presence_penalty"),
+    "logit_bias": check_logit_bias,
+    "n": check_n,
+    "user": check_identifier("user"),
+}
+EXTENSIONS = {
+    name: check_extension(name) for name in ("top_k", "min_p", "repetition_penalty", "repeat_penalty", "ignore_eos")
+}
+
+
+def accepts(field, good, bad):
+    """A field honoured by accepting what the server can do and refusing the rest."""
+    def check(ep):
+        greedy(ep, **{field: good})
+        refused(ep, field, bad)
+    return check
+
+
+def refuses(field, value):
+    return lambda ep: refused(ep, field, value)
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+
+def check_messages(ep):
+    _, a = call(ep, messages=[{"role": "user", "content": "hi"}])
+    _, b = call(ep, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    expect(b.usage.prompt_tokens > a.usage.prompt_tokens, "the system message was not rendered")
+    for bad, param in [
+        ({"role": "user", "content": "hi", "name": "ann"}, "messages[0].name"),
+        ({"role": "wizard", "content": "hi"}, "messages"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "messages"),
+    ]:
+        try:
+            call(ep, messages=[bad])
+            raise AssertionError(f"{bad} was accepted")
+        except openai.BadRequestError as e:
+            expect(e.param == param, f"{bad} refused naming {e.param!r}")
+
+
+def check_response_format(ep):
+    text = greedy(ep, max_tokens=40, temperature=0.8, seed=3, response_format={"type": "json_object"})
+    expect(isinstance(json.loads(text), dict), f"json_object gave {text!r}")
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "legs": {"type": "integer"},
+            "kind": {"enum": ["cat", "dog"]},
+            "friends": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
+            "owner": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/person"}]},
+        },
+        "required": ["name", "legs", "kind", "friends", "owner"],
+        "additionalProperties": False,
+        "$defs": {"person": {"type": "object", "properties": {"age": {"type": "number"}}, "required": ["age"]}},
+    }
+    for seed in range(4):
+        for stream in (False, True):
+            text = greedy(
+                ep, max_tokens=60, temperature=1, seed=seed, stream=stream,
+                response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}},
+            )
+            jsonschema.validate(json.loads(text), schema)
+    bad = {"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}}}
+    refused(ep, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": bad}})
+    try:
+        call(ep, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": bad}})
+    except openai.BadRequestError as e:
+        expect("format" in e.message and "/properties/when" in e.message, f"the refusal does not say why: {e.message}")
+
+
+CHAT = {
+    **COMMON,
+    **EXTENSIONS,
+    "messages": check_messages,
+    "max_completion_tokens": lambda ep: check_max_tokens(ep, "max_completion_tokens"),
+    "response_format": check_response_format,
+    "safety_identifier": check_identifier("safety_identifier"),
+    "prompt_cache_key": check_identifier("prompt_cache_key"),
+    "metadata": accepts("metadata", {"team": "a"}, {f"k{i}": "v" for i in range(17)}),
+    "store": accepts("store", False, True),
+    "modalities": accepts("modalities", ["text"], ["text", "audio"]),
+    "service_tier": accepts("service_tier", "auto", "flex"),
+    "reasoning_effort": accepts("reasoning_effort", "none", "high"),
+    "prompt_cache_retention": accepts("prompt_cache_retention", "in_memory", "24h"),
+    "prompt_cache_options": accepts("prompt_cache_options", {"mode": "implicit"}, {"mode": "explicit"}),
+    "logprobs": accepts("logprobs", False, True),
+    "top_logprobs": refuses("top_logprobs", 2),
+    "audio": refuses("audio", {"voice": "alloy", "format": "wav"}),
+    "verbosity": refuses("verbosity", "low"),
+    "prediction": refuses("prediction", {"type": "content", "content": "hello"}),
+    "web_search_options": refuses("web_search_options", {"search_context_size": "low"}),
+    "moderation": refuses("moderation", {"model": "omni-moderation-latest"}),
+    "tools": refuses("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    "tool_choice": refuses("tool_choice", "auto"),
+    "parallel_tool_calls": refuses("parallel_tool_calls", False),
+    "functions": refuses("functions", [{"name": "f", "parameters": {"type": "object"}}]),
+    "function_call": refuses("function_call", "auto"),
+    "foo": check_unknown,
+}
+
+# ---- completions -----------------------------------------------------------------------------
+
+
+def check_prompt(ep):
+    _, a = call(ep, prompt="hi")
+    _, b = call(ep, prompt="hi there, how are you")
+    expect(b.usage.prompt_tokens > a.usage.prompt_tokens, "the prompt was not used")
+    refused(ep, "prompt", ["one", "two"])
+
+
+def check_echo(ep):
+    expect(greedy(ep, echo=True) == PROMPT + greedy(ep), "echo did not prepend the prompt")
+
+
+COMPLETIONS = {
+    **COMMON,
+    **EXTENSIONS,
+    "prompt": check_prompt,
+    "echo": check_echo,
+    "best_of": accepts("best_of", 1, 2),
+    "suffix": refuses("suffix", " the end."),
+    "logprobs": refuses("logprobs", 1),
+    "foo": check_unknown,
+}
+
+
+def client_fields(params):
+    return set(typing.get_type_hints(params.CompletionCreateParamsBase)) | {"stream"}
+
+
+def walk(name, table, params):
+    ep = "chat" if name == "chat" else "completions"
+    known = client_fields(params)
+    unclassified = known - set(table)
+    if unclassified:
+        failures.append(f"{name}: fields the client defines but the walk does not classify: {sorted(unclassified)}")
+    for field, check in table.items():
+        try:
+            check(ep)
+            checked[name][field] = "ok"
+        except Exception as e:  # noqa: BLE001 - every failure is reported, then the walk goes on
+            checked[name][field] = "failed"
+            failures.append(f"{name}.{field}: {type(e).__name__}: {e}")
+    # null means "not given": every optional field the client knows, sent as null, is fine.
+    nulls = {f: None for f in known if f not in ("model", "messages", "prompt", "stream", "max_tokens")}
+    try:
+        call(ep, extra_body={**nulls, "ignore_eos": True})
+        checked[name]["<every field null>"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        failures.append(f"{name}: fields sent as null were refused: {e}")
+
+
+walk("chat", CHAT, chat_types)
+walk("completions", COMPLETIONS, completion_types)
+print(json.dumps({"openai_version": openai.__version__, "checked": checked, "failures": failures}, indent=1))
+sys.exit(1 if failures else 0)
