@@ -122,8 +122,16 @@ struct HttpBenchArgs {
     /// Vocabulary size of the model, for the random prompt ids.
     #[arg(long, default_value_t = 49152)]
     vocab: usize,
+    /// A `response_format` object (JSON) for every request of the `chat` workload, to
+    /// measure constrained decoding.
+    #[arg(long, value_parser = parse_json)]
+    response_format: Option<serde_json::Value>,
     #[arg(long)]
     json: bool,
+}
+
+fn parse_json(text: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
 }
 
 /// Workload and output settings shared by the engine and plugin benchmarks.
@@ -332,7 +340,11 @@ async fn bench_http(args: HttpBenchArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         vocab: args.vocab,
         seed: args.seed,
+        response_format: args.response_format.clone(),
     };
+    if cfg.response_format.is_some() && cfg.workload != bench::http::Workload::Chat {
+        anyhow::bail!("--response-format needs --workload chat (completions take no response_format)");
+    }
     let json = args.json;
     let rows = bench::http::run(&cfg, |r| {
         if !json {

@@ -60,6 +60,8 @@ pub struct LoadConfig {
     pub vocab: usize,
     /// Seed of the first run's prompts; each later run takes the next.
     pub seed: u64,
+    /// Sent with every chat request (constrained decoding).
+    pub response_format: Option<Value>,
 }
 
 /// What a worker sends: a single request, or a conversation of several.
@@ -231,6 +233,9 @@ async fn completion(
         }
         Prompt::Chat(m) => {
             body["messages"] = json!(m);
+            if let Some(format) = &cfg.response_format {
+                body["response_format"] = format.clone();
+            }
             "chat/completions"
         }
     };

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Constrained decoding against plain decoding, through the server and the `openai` plugin:
+# the same single-turn chat requests (about 64-token questions, 128 tokens generated,
+# greedy) with no response_format, with `json_object`, and with a JSON Schema, at
+# concurrency 1 and 16, alternating and repeated (REPEAT, default 3). Prints medians and the
+# ratios to plain; the issue's bar is schema tok/s >= 0.9x plain at 16.
+#
+# Generation tok/s is tokens over the time after the first one (1 / time per output token),
+# because a constrained answer may end early when its document is complete: counting its
+# prompt time against fewer tokens would measure the schema's length, not the decoding.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPEAT=${REPEAT:-3}
+bash scripts/setup.sh >/dev/null
+cargo build --release --bin flywheel >&2
+bash scripts/build-plugins.sh >/dev/null
+out="${BENCH_OUT:-target/bench/structured}"
+mkdir -p "$out"
+: >"$out/rows.jsonl"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+./target/release/flywheel serve --listen "127.0.0.1:$port" >"$out/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+
+# A story, a list of facts and a rating: long strings, an array, an enum and a number.
+schema='{"type": "json_schema", "json_schema": {"name": "answer", "strict": true, "schema": {
+  "type": "object", "additionalProperties": false,
+  "required": ["answer", "facts", "confidence", "rating"],
+  "properties": {
+    "answer": {"type": "string"},
+    "facts": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
+    "confidence": {"type": "number"},
+    "rating": {"enum": ["low", "medium", "high"]}}}}}'
+object='{"type": "json_object"}'
+
+seed=5000
+for r in $(seq 1 "$REPEAT"); do
+  for mode in plain json_object schema; do
+    seed=$((seed + 10))
+    args=(--url "http://127.0.0.1:$port" --workload chat --turns 1 --rounds 2 --concurrency 1,16 --seed "$seed" --json)
+    case $mode in
+      json_object) args+=(--response-format "$object") ;;
+      schema) args+=(--response-format "$schema") ;;
+    esac
+    ./target/release/flywheel bench http "${args[@]}" |
+      python3 -c 'import json,sys; [print(json.dumps({**json.loads(l), "format": sys.argv[1], "round": int(sys.argv[2])})) for l in sys.stdin if l.startswith("{")]' "$mode" "$r" |
+      tee -a "$out/rows.jsonl" >&2
+  done
+done
+
+python3 - "$out/rows.jsonl" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def med(fmt, n, key):
+    return statistics.median(r[key] for r in rows if r["format"] == fmt and r["n"] == n)
+def decode(fmt, n):
+    # Per-request generation speed (1 / time per output token), times concurrency.
+    return n * 1000.0 / med(fmt, n, "step_ms")
+print("| format | c | tok/s | generation tok/s | TTFT p50 | tok/s / plain | generation / plain |")
+print("|---|---|---|---|---|---|---|")
+ok = True
+for n in (1, 16):
+    for fmt in ("plain", "json_object", "schema"):
+        t, g = med(fmt, n, "tok_s"), decode(fmt, n)
+        rt, rg = t / med("plain", n, "tok_s"), g / decode("plain", n)
+        print(f"| {fmt} | {n} | {t:.1f} | {g:.1f} | {med(fmt, n, 'ttft_ms'):.0f} ms | {rt:.2f} | {rg:.2f} |")
+        if fmt == "schema" and n == 16 and rg < 0.9:
+            ok = False
+print(f"schema generation tok/s at 16 vs plain: {'ok' if ok else 'BELOW 0.9x'}")
+sys.exit(0 if ok else 1)
+PY
