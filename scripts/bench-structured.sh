@@ -4,10 +4,6 @@
 # greedy) with no response_format, with `json_object`, and with a JSON Schema, at
 # concurrency 1 and 16, alternating and repeated (REPEAT, default 3). Prints medians and the
 # ratios to plain; the issue's bar is schema tok/s >= 0.9x plain at 16.
-#
-# Generation tok/s is tokens over the time after the first one (1 / time per output token),
-# because a constrained answer may end early when its document is complete: counting its
-# prompt time against fewer tokens would measure the schema's length, not the decoding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-3}
@@ -27,15 +23,17 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 
-# A story, a list of facts and a rating: long strings, an array, an enum and a number.
-schema='{"type": "json_schema", "json_schema": {"name": "answer", "strict": true, "schema": {
-  "type": "object", "additionalProperties": false,
-  "required": ["answer", "facts", "confidence", "rating"],
-  "properties": {
-    "answer": {"type": "string"},
-    "facts": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
-    "confidence": {"type": "number"},
-    "rating": {"enum": ["low", "medium", "high"]}}}}}'
+# At least 64 records of a string, a number and an enum: no answer can complete within the
+# 128 tokens, so every request generates as many tokens as a plain one and the comparison
+# is per token (json_object answers may end early: their row is shown, not judged).
+schema='{"type": "json_schema", "json_schema": {"name": "records", "strict": true, "schema": {
+  "type": "object", "additionalProperties": false, "required": ["records"],
+  "properties": {"records": {"type": "array", "minItems": 64, "items": {
+    "type": "object", "additionalProperties": false, "required": ["name", "score", "level"],
+    "properties": {
+      "name": {"type": "string"},
+      "score": {"type": "number"},
+      "level": {"enum": ["low", "medium", "high"]}}}}}}}}'
 object='{"type": "json_object"}'
 
 seed=5000
@@ -61,6 +59,7 @@ def med(fmt, n, key):
 def decode(fmt, n):
     # Per-request generation speed (1 / time per output token), times concurrency.
     return n * 1000.0 / med(fmt, n, "step_ms")
+# Generation tok/s: concurrency / time per output token, which leaves prompt time out.
 print("| format | c | tok/s | generation tok/s | TTFT p50 | tok/s / plain | generation / plain |")
 print("|---|---|---|---|---|---|---|")
 ok = True
@@ -69,8 +68,8 @@ for n in (1, 16):
         t, g = med(fmt, n, "tok_s"), decode(fmt, n)
         rt, rg = t / med("plain", n, "tok_s"), g / decode("plain", n)
         print(f"| {fmt} | {n} | {t:.1f} | {g:.1f} | {med(fmt, n, 'ttft_ms'):.0f} ms | {rt:.2f} | {rg:.2f} |")
-        if fmt == "schema" and n == 16 and rg < 0.9:
+        if fmt == "schema" and n == 16 and rt < 0.9:
             ok = False
-print(f"schema generation tok/s at 16 vs plain: {'ok' if ok else 'BELOW 0.9x'}")
+print(f"schema tok/s at 16 vs plain: {'ok' if ok else 'BELOW 0.9x'} (need >= 0.9x)")
 sys.exit(0 if ok else 1)
 PY
