@@ -89,21 +89,22 @@ fn verdict(endpoint: Endpoint, key: &str, v: &Value, streaming: bool) -> Verdict
         // The prefix cache is in memory and implicit: it keeps what memory allows, no longer.
         (Chat, "prompt_cache_retention") if v == "in_memory" => Honoured,
         (Chat, "prompt_cache_retention") => refuse("prompts are cached in memory only; send \"in_memory\""),
-        (Chat, "prompt_cache_options") if v.as_object().is_some_and(|o| o.len() == 1 && o["mode"] == "implicit") => {
+        (Chat, "prompt_cache_options")
+            if v.as_object().is_some_and(|o| o.len() == 1 && o.get("mode").is_some_and(|m| m == "implicit")) =>
+        {
             Honoured
         }
         (Chat, "prompt_cache_options") => refuse("prompt caching here is implicit; send {\"mode\": \"implicit\"}"),
         (Chat, "tools" | "tool_choice" | "parallel_tool_calls") => refuse("tool calls are not supported yet"),
         (Chat, "functions" | "function_call") => refuse("function calls are not supported"),
-        (Chat, "logprobs") if v == &Value::Bool(false) => Honoured,
-        (Chat, "logprobs" | "top_logprobs") => refuse("log probabilities are not supported yet"),
+        (Chat, "logprobs" | "top_logprobs") => Honoured,
 
         (Completions, "prompt" | "echo") => Honoured,
         (Completions, "best_of") if v == 1 => Honoured,
         (Completions, "best_of") => refuse("only best_of = 1 is supported"),
         (Completions, "suffix") if v == "" => Honoured,
         (Completions, "suffix") => refuse("text insertion (a suffix) is not supported"),
-        (Completions, "logprobs") => refuse("log probabilities are not supported yet"),
+        (Completions, "logprobs") => Honoured,
 
         _ => Verdict::Unrecognized,
     }
@@ -156,7 +157,7 @@ fn check_message(i: usize, m: &Value) -> Result<(), HttpError> {
     for (key, value) in fields {
         let refused = match (key.as_str(), value) {
             (_, Value::Null) | ("role" | "content", _) => continue,
-            // An assistant's refusal in the history carries no content to render.
+            // An assistant's refusal in the history is rendered as what it said.
             ("refusal", Value::String(_)) => continue,
             ("name", _) => "participant names are not supported",
             ("tool_calls" | "tool_call_id" | "function_call", _) => "tool calls are not supported yet",
@@ -165,6 +166,16 @@ fn check_message(i: usize, m: &Value) -> Result<(), HttpError> {
         };
         let param = format!("{param}.{key}");
         return Err(HttpError::bad_request(format!("{param}: {refused}")).with_param(&param));
+    }
+    // Text parts hold their text and nothing else (other kinds are refused when read).
+    if let Some(Value::Array(parts)) = fields.get("content") {
+        for (j, part) in parts.iter().enumerate() {
+            let Some(part) = part.as_object().filter(|p| p.get("type").is_some_and(|t| t == "text")) else { continue };
+            if let Some(key) = part.keys().find(|k| !matches!(k.as_str(), "type" | "text")) {
+                let param = format!("{param}.content[{j}].{key}");
+                return Err(HttpError::bad_request(format!("{param} is not supported")).with_param(&param));
+            }
+        }
     }
     Ok(())
 }

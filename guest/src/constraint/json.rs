@@ -245,9 +245,9 @@ impl Constraint for JsonConstraint {
 
     fn allowed(&self, vocab: &Vocab, out: &mut Vec<i32>) {
         if matches!(self.mode, Mode::Str { lex: StrLex::Plain, .. }) {
-            vocab.scan_in_string(*self, |s, b| s.step(b), out);
+            vocab.scan_in_string(*self, |s, b| s.step(b), |_| true, out);
         } else {
-            vocab.scan(*self, |s, b| s.step(b), out);
+            vocab.scan(*self, |s, b| s.step(b), |_| true, out);
         }
     }
 

@@ -94,17 +94,30 @@ impl Vocab {
         usize::try_from(id).ok().and_then(|i| self.bytes.get(i)).map_or(&[], Vec::as_slice)
     }
 
-    /// Every token `step` accepts byte by byte from `start`, pushed onto `out`. Each state
-    /// after a prefix is computed once for all tokens that share it.
-    pub(crate) fn scan<S: Copy>(&self, start: S, step: impl FnMut(&mut S, u8) -> bool, out: &mut Vec<i32>) {
-        self.scan_sorted(&self.all, start, step, out);
+    /// Every token `step` accepts byte by byte from `start` and that leaves a state `end`
+    /// accepts, pushed onto `out`. Each state after a prefix is computed once for all
+    /// tokens that share it.
+    pub(crate) fn scan<S: Copy>(
+        &self,
+        start: S,
+        step: impl FnMut(&mut S, u8) -> bool,
+        end: impl Fn(&S) -> bool,
+        out: &mut Vec<i32>,
+    ) {
+        self.scan_sorted(&self.all, start, step, end, out);
     }
 
     /// [`Vocab::scan`] for a `start` inside a JSON string, outside any escape or character:
     /// there every plain token is accepted without a look.
-    pub(crate) fn scan_in_string<S: Copy>(&self, start: S, step: impl FnMut(&mut S, u8) -> bool, out: &mut Vec<i32>) {
+    pub(crate) fn scan_in_string<S: Copy>(
+        &self,
+        start: S,
+        step: impl FnMut(&mut S, u8) -> bool,
+        end: impl Fn(&S) -> bool,
+        out: &mut Vec<i32>,
+    ) {
         out.extend_from_slice(&self.plain);
-        self.scan_sorted(&self.not_plain, start, step, out);
+        self.scan_sorted(&self.not_plain, start, step, end, out);
     }
 
     fn scan_sorted<S: Copy>(
@@ -112,6 +125,7 @@ impl Vocab {
         sorted: &Sorted,
         start: S,
         mut step: impl FnMut(&mut S, u8) -> bool,
+        end: impl Fn(&S) -> bool,
         out: &mut Vec<i32>,
     ) {
         let mut states: Vec<S> = Vec::with_capacity(64);
@@ -136,7 +150,7 @@ impl Vocab {
                 }
                 states.push(state);
             }
-            if accepted {
+            if accepted && end(&state) {
                 out.push(id as i32);
             }
         }
@@ -159,7 +173,7 @@ mod tests {
         let words = ["", "a", "ab", "abc", "aba", "b", "ba", "bcd", "abcd", "c", "cb", "cbd", "ab", "zz", "xyz"];
         let vocab = Vocab::new(words.iter().map(|w| w.as_bytes().to_vec()).collect());
         let mut found = Vec::new();
-        vocab.scan(0u8, ascending, &mut found);
+        vocab.scan(0u8, ascending, |_| true, &mut found);
         found.sort_unstable();
         let expected: Vec<i32> = words
             .iter()
@@ -180,7 +194,7 @@ mod tests {
         assert_eq!(vocab.plain, vec![0, 1, 2, 8]);
         let mut found = Vec::new();
         // An automaton that accepts nothing: only the plain tokens come back.
-        vocab.scan_in_string((), |_, _| false, &mut found);
+        vocab.scan_in_string((), |_, _| false, |_| true, &mut found);
         assert_eq!(found, vec![0, 1, 2, 8]);
     }
 }

@@ -33,6 +33,10 @@ pub(crate) const ANY_NUMBER: NodeId = 5;
 /// Most alternatives an `enum` or an object's properties may have: they are tracked as
 /// bits of one word.
 const MAX_ALTERNATIVES: usize = 64;
+/// Longest serialized literal or key, in bytes.
+const MAX_LITERAL: usize = 4096;
+/// Longest minimal value of any part of a schema: what closing output cut short may add.
+const MAX_MINIMAL: usize = 64 << 10;
 
 #[derive(Debug)]
 pub(crate) enum Node {
@@ -206,7 +210,7 @@ impl<'a> Compiler<'a> {
             for (i, b) in list.iter().enumerate() {
                 ids.push(self.compile(b, &format!("{at}/{keyword}/{i}"))?);
             }
-            return self.choice(ids, at);
+            return self.choice(ids, keyword == "oneOf", at);
         }
         if object.contains_key("enum") || object.contains_key("const") {
             return self.literals(object, at);
@@ -250,7 +254,7 @@ impl<'a> Compiler<'a> {
         if ids.len() == 1 {
             Ok(ids[0])
         } else {
-            self.choice(ids, at)
+            self.choice(ids, false, at)
         }
     }
 
@@ -291,6 +295,9 @@ impl<'a> Compiler<'a> {
         let mut compiled = Vec::with_capacity(props.len());
         for &(name, schema) in &props {
             let key = serde_json::to_vec(name).map_err(|e| SchemaError { message: e.to_string() })?;
+            if key.len() > MAX_LITERAL {
+                return refuse(at, format!("a property name is longer than {MAX_LITERAL} bytes"));
+            }
             let value = self.compile(schema, &format!("{at}/properties/{name}"))?;
             compiled.push((key, value));
         }
@@ -372,6 +379,9 @@ impl<'a> Compiler<'a> {
                 return refuse(at, format!("the value {v} does not have the schema's type"));
             }
             let bytes = serde_json::to_vec(v).map_err(|e| SchemaError { message: e.to_string() })?;
+            if bytes.len() > MAX_LITERAL {
+                return refuse(at, format!("an enum or const value is longer than {MAX_LITERAL} bytes"));
+            }
             if !serialized.contains(&bytes) {
                 serialized.push(bytes);
             }
@@ -409,15 +419,24 @@ impl<'a> Compiler<'a> {
         Ok(id)
     }
 
-    /// Branches merged where one covers another, then checked to start differently.
-    fn choice(&mut self, branches: Vec<NodeId>, at: &str) -> Result<NodeId, SchemaError> {
+    /// Branches merged where one covers another, then checked to start differently, so a
+    /// value's first byte picks its branch. `exclusive` (`oneOf`): a value two branches
+    /// admit is refused rather than merged, since it would match more than one.
+    fn choice(&mut self, branches: Vec<NodeId>, exclusive: bool, at: &str) -> Result<NodeId, SchemaError> {
+        let overlap = |what: String| refuse(at, format!("the oneOf branches overlap: {what} matches more than one"));
         let mut flat = Vec::new();
         let mut literals: Vec<Vec<u8>> = Vec::new();
         for b in branches {
             match &self.nodes[b as usize] {
                 Node::Choice(inner) => flat.extend(inner.iter().copied()),
                 Node::Literals(values) => {
-                    literals.extend(values.iter().filter(|v| !literals.contains(v)).cloned().collect::<Vec<_>>())
+                    for v in values {
+                        if !literals.contains(v) {
+                            literals.push(v.clone());
+                        } else if exclusive {
+                            return overlap(String::from_utf8_lossy(v).into_owned());
+                        }
+                    }
                 }
                 _ => flat.push(b),
             }
@@ -428,6 +447,11 @@ impl<'a> Compiler<'a> {
             }
             // Literals that another branch admits anyway are left to it.
             let first = first_bytes(&self.nodes, &flat);
+            if exclusive {
+                if let Some(l) = literals.iter().find(|l| self.covered(&flat, l)) {
+                    return overlap(String::from_utf8_lossy(l).into_owned());
+                }
+            }
             literals.retain(|l| !self.covered(&flat, l));
             if let Some(l) = literals.iter().find(|l| first[l[0] as usize / 64] & (1 << (l[0] % 64)) != 0) {
                 return refuse(
@@ -513,16 +537,61 @@ fn first_bytes(nodes: &[Node], ids: &[NodeId]) -> [u64; 4] {
     bits
 }
 
-/// The longest chain of containers below `node`, in frames.
-fn depth(nodes: &[Node], node: NodeId) -> usize {
-    match &nodes[node as usize] {
-        Node::Object { props, free, .. } => {
-            1 + props.iter().map(|(_, v)| depth(nodes, *v)).chain(free.map(|f| depth(nodes, f))).max().unwrap_or(0)
-        }
-        Node::Array { items, .. } => 1 + depth(nodes, *items),
-        Node::Choice(branches) => branches.iter().map(|b| depth(nodes, *b)).max().unwrap_or(0),
-        _ => 1,
+/// The longest chain of frames a value of `node` needs, memoized (definitions are shared,
+/// so an unmemoized walk of a few nested `$ref`s is exponential).
+fn depth(nodes: &[Node], node: NodeId, memo: &mut [Option<usize>]) -> usize {
+    if let Some(d) = memo[node as usize] {
+        return d;
     }
+    let mut below = |id: NodeId| depth(nodes, id, memo);
+    let d = match &nodes[node as usize] {
+        // `Any` nests as deep as the cursor lets it, scalars at the limit.
+        Node::Any => 1,
+        Node::Object { props, free, .. } => {
+            let mut d = 0;
+            for (_, v) in props {
+                d = d.max(below(*v));
+            }
+            if let Some(f) = free {
+                d = d.max(below(*f));
+            }
+            1 + d
+        }
+        Node::Array { items, .. } => 1 + below(*items),
+        Node::Choice(branches) => branches.iter().fold(0, |d, b| d.max(below(*b))),
+        _ => 1,
+    };
+    memo[node as usize] = Some(d);
+    d
+}
+
+/// The length of [`Schema::minimal`]'s output for `node`, memoized and saturating.
+fn minimal_len(nodes: &[Node], node: NodeId, memo: &mut [Option<usize>]) -> usize {
+    if let Some(n) = memo[node as usize] {
+        return n;
+    }
+    let n = match &nodes[node as usize] {
+        Node::Any => 4,
+        Node::String => 2,
+        Node::Number { .. } => 1,
+        Node::Literals(values) => values[0].len(),
+        Node::Object { props, required, .. } => {
+            let mut n = 2usize;
+            for (i, (key, value)) in props.iter().enumerate() {
+                if required & (1 << i) != 0 {
+                    n = n.saturating_add(key.len() + 2).saturating_add(minimal_len(nodes, *value, memo));
+                }
+            }
+            n
+        }
+        Node::Array { items, min, .. } => {
+            let item = minimal_len(nodes, *items, memo).saturating_add(1);
+            item.saturating_mul(*min as usize).saturating_add(2)
+        }
+        Node::Choice(branches) => minimal_len(nodes, branches[0], memo),
+    };
+    memo[node as usize] = Some(n);
+    n
 }
 
 impl Schema {
@@ -541,8 +610,12 @@ impl Schema {
         if !matches!(c.nodes[root as usize], Node::Object { .. }) {
             return refuse("", "the schema's root must be an object with type \"object\"");
         }
-        if depth(&c.nodes, root) > MAX_DEPTH - 1 {
+        if depth(&c.nodes, root, &mut vec![None; c.nodes.len()]) > MAX_DEPTH - 1 {
             return refuse("", format!("the schema nests deeper than {} levels", MAX_DEPTH - 1));
+        }
+        let mut memo = vec![None; c.nodes.len()];
+        if (0..c.nodes.len()).any(|id| minimal_len(&c.nodes, id as NodeId, &mut memo) > MAX_MINIMAL) {
+            return refuse("", format!("the smallest value of some part of the schema is over {MAX_MINIMAL} bytes"));
         }
         let first = (0..c.nodes.len()).map(|id| first_bytes(&c.nodes, &[id as NodeId])).collect();
         Ok(Schema { nodes: c.nodes, root, first })
@@ -568,7 +641,7 @@ impl SchemaConstraint {
 impl Constraint for SchemaConstraint {
     fn accepts(&self, bytes: &[u8]) -> bool {
         let mut c = self.cursor;
-        !bytes.is_empty() && bytes.iter().all(|&b| c.step(&self.schema, b))
+        !bytes.is_empty() && bytes.iter().all(|&b| c.step(&self.schema, b)) && c.at_char_boundary(&self.schema)
     }
 
     fn advance(&mut self, bytes: &[u8]) {
@@ -589,9 +662,9 @@ impl Constraint for SchemaConstraint {
     fn allowed(&self, vocab: &Vocab, out: &mut Vec<i32>) {
         let schema = &*self.schema;
         if self.cursor.in_plain_string() {
-            vocab.scan_in_string(self.cursor, |c, b| c.step(schema, b), out);
+            vocab.scan_in_string(self.cursor, |c, b| c.step(schema, b), |c| c.at_char_boundary(schema), out);
         } else {
-            vocab.scan(self.cursor, |c, b| c.step(schema, b), out);
+            vocab.scan(self.cursor, |c, b| c.step(schema, b), |c| c.at_char_boundary(schema), out);
         }
     }
 }

@@ -85,6 +85,22 @@ impl Cursor {
         self.depth == 0
     }
 
+    /// Not inside a character of a literal or key: their closing is written as text, so a
+    /// token may not stop in the middle of one of their characters.
+    pub(crate) fn at_char_boundary(&self, schema: &Schema) -> bool {
+        let Some(top) = (self.depth as usize).checked_sub(1).map(|i| self.frames[i]) else { return true };
+        let next = match (top.phase, &schema.nodes[top.node as usize]) {
+            (Phase::Literal { alive, pos }, Node::Literals(values)) => {
+                values[alive.trailing_zeros() as usize].get(pos as usize).copied()
+            }
+            (Phase::KeyName { alive, pos, .. }, Node::Object { props, .. }) => {
+                props[alive.trailing_zeros() as usize].0.get(pos as usize).copied()
+            }
+            _ => None,
+        };
+        !next.is_some_and(|b| (0x80..=0xBF).contains(&b))
+    }
+
     /// Inside a string's text, outside any escape or character.
     pub(crate) fn in_plain_string(&self) -> bool {
         self.depth > 0

@@ -30,10 +30,13 @@ fn constraint(schema: &Value) -> SchemaConstraint {
     SchemaConstraint::new(schema).unwrap_or_else(|e| panic!("{schema}: {e}"))
 }
 
+/// Feed `text` a character at a time (a token may not end inside a literal's character).
 fn feed(c: &mut SchemaConstraint, text: &str) -> bool {
-    text.bytes().all(|b| {
-        let ok = c.accepts(&[b]);
-        c.advance(&[b]);
+    text.chars().all(|ch| {
+        let mut buf = [0; 4];
+        let bytes = ch.encode_utf8(&mut buf).as_bytes();
+        let ok = c.accepts(bytes);
+        c.advance(bytes);
         ok
     })
 }
@@ -139,6 +142,52 @@ fn documents_are_held_to_their_schema() {
         assert!(accepts_whole(&numbers, doc), "{doc}");
     }
     assert!(!accepts_whole(&numbers, r#"{"n":1000}"#) && !accepts_whole(&numbers, r#"{"n":11}"#));
+    // A token may not stop inside a character of a key or literal: the closing, written as
+    // text, could not finish that character.
+    let names = json!({"type": "object", "properties": {"名": {"const": "é"}}, "required": ["名"]});
+    let c = constraint(&names);
+    assert!(c.accepts(b"{\"\xE5\x90\x8D\"") && !c.accepts(b"{\"\xE5"));
+    let mut c = constraint(&names);
+    assert!(feed(&mut c, "{\"名\":\""));
+    assert!(!c.accepts(b"\xC3") && c.accepts(b"\xC3\xA9"));
+    assert_eq!(c.closing(), "é\"}");
+}
+
+#[test]
+fn oneof_refuses_values_two_branches_admit() {
+    for schema in [
+        json!({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"const": "auto"}]}}}),
+        json!({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}, {"type": "null"}]}}}),
+        json!({"type": "object", "properties": {"a": {"oneOf": [{"enum": ["a", "b"]}, {"enum": ["b", "c"]}]}}}),
+    ] {
+        let e = SchemaConstraint::new(&schema).unwrap_err();
+        assert!(e.message.contains("oneOf"), "{schema}: {e}");
+    }
+    // anyOf may overlap that way: the string branch covers the constant.
+    constraint(&json!({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"const": "auto"}]}}}));
+}
+
+#[test]
+fn hostile_schemas_are_refused_quickly() {
+    // 64 properties, nine levels of definitions each referring to the one below: a naive
+    // walk makes 64^9 calls.
+    let mut defs = serde_json::Map::new();
+    let props = |inner: Value| -> Value {
+        let p: serde_json::Map<String, Value> = (0..64).map(|i| (format!("p{i}"), inner.clone())).collect();
+        json!({"type": "object", "properties": p})
+    };
+    defs.insert("d0".into(), props(json!({"type": "string"})));
+    for k in 1..=9 {
+        defs.insert(format!("d{k}"), props(json!({"$ref": format!("#/$defs/d{}", k - 1)})));
+    }
+    let started = std::time::Instant::now();
+    let result = SchemaConstraint::new(&json!({"$defs": defs, "$ref": "#/$defs/d9"}));
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(result.is_ok(), "{result:?}");
+    let huge = json!({"type": "object", "properties": {"a": {"type": "array", "minItems": 4_000_000_000u64}}});
+    assert!(SchemaConstraint::new(&huge).unwrap_err().message.contains("smallest value"));
+    let long = json!({"type": "object", "properties": {"a": {"const": "x".repeat(70_000)}}});
+    assert!(SchemaConstraint::new(&long).unwrap_err().message.contains("longer than"));
 }
 
 /// A random schema from the supported subset. `defs` collects definitions for `$ref`.
