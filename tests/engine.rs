@@ -258,13 +258,13 @@ async fn bad_feeds_get_clear_errors() {
     assert!(matches!(e, EngineError::InvalidToken { token: -1, .. }), "{e}");
     let e = seq.feed(&[], greedy_want()).await.unwrap_err();
     assert!(matches!(e, EngineError::InvalidArgument(_)), "{e}");
-    let e = seq.feed(&[1], Want::TopK { k: 0, allowed: None }).await.unwrap_err();
+    let e = seq.feed(&[1], Want::top(0)).await.unwrap_err();
     assert!(matches!(e, EngineError::InvalidArgument(_)), "{e}");
-    let e = seq.feed(&[1], Want::TopK { k: 2, allowed: Some(vec![3, vocab + 5]) }).await.unwrap_err();
+    let e = seq.feed(&[1], Want::TopK { k: 2, allowed: Some(vec![3, vocab + 5]), logprobs: false }).await.unwrap_err();
     assert!(matches!(e, EngineError::InvalidToken { .. }), "{e}");
     // The sequence still works, and allowed ids restrict the candidates.
-    match seq.feed(&[1, 50, 60], Want::TopK { k: 5, allowed: Some(vec![70, 71, 72]) }).await.unwrap() {
-        Output::TopK { ids, logits } => {
+    match seq.feed(&[1, 50, 60], Want::TopK { k: 5, allowed: Some(vec![70, 71, 72]), logprobs: false }).await.unwrap() {
+        Output::TopK { ids, logits, .. } => {
             assert_eq!(ids.len(), 3);
             assert!(ids.iter().all(|i| (70..=72).contains(i)));
             assert!(logits.windows(2).all(|w| w[0] >= w[1]));
@@ -275,6 +275,33 @@ async fn bad_feeds_get_clear_errors() {
         Output::Logits(row) => assert_eq!(row.len(), vocab as usize),
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// Log-probabilities from the host are log-softmax over the whole row, allowed ids or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_are_log_softmax_over_the_whole_vocabulary() {
+    let model = load(tiny_manifest("tiny-logprobs"));
+    let prompt = [1, 50, 60, 70];
+    let mut full = model.open().await.unwrap();
+    let Output::Logits(row) = full.feed(&prompt, Want::Logits).await.unwrap() else { panic!("asked for logits") };
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let normalizer = f64::from(max) + row.iter().map(|&x| f64::from(x - max).exp()).sum::<f64>().ln();
+    for allowed in [None, Some(vec![3, 9, 27, 81])] {
+        let mut seq = model.open().await.unwrap();
+        let want = Want::TopK { k: 4, allowed: allowed.clone(), logprobs: true };
+        let Output::TopK { ids, logprobs: Some(lp), .. } = seq.feed(&prompt, want).await.unwrap() else {
+            panic!("no logprobs")
+        };
+        assert_eq!(ids.len(), 4);
+        for (id, lp) in ids.iter().zip(&lp) {
+            let exact = f64::from(row[*id as usize]) - normalizer;
+            assert!((f64::from(*lp) - exact).abs() < 1e-4, "token {id}: {lp} against {exact} ({allowed:?})");
+        }
+    }
+    let mut seq = model.open().await.unwrap();
+    let Output::TopK { logprobs: None, .. } = seq.feed(&prompt, Want::top(2)).await.unwrap() else {
+        panic!("logprobs that were not asked for")
+    };
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

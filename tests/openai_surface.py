@@ -10,6 +10,7 @@ A field the installed client knows but this table does not fails the walk: a new
 must be classified before it can be forgotten.
 """
 import json
+import math
 import sys
 import typing
 
@@ -30,7 +31,8 @@ MESSAGES = [{"role": "user", "content": PROMPT}]
 def call(endpoint, **kw):
     """One request; returns (text, response). Greedy, 16 tokens, no early end by default."""
     kw.setdefault("model", model)
-    kw.setdefault("max_tokens", 16)
+    if "max_completion_tokens" not in kw:
+        kw.setdefault("max_tokens", 16)
     kw.setdefault("temperature", 0)
     extra = kw.pop("extra_body", {})
     extra.setdefault("ignore_eos", True)
@@ -93,10 +95,17 @@ def check_model(ep):
 
 
 def check_max_tokens(ep, field="max_tokens"):
-    _, r = call(ep, **{"max_tokens": None, field: 3})
+    _, r = call(ep, **{field: 3})
     expect(r.usage.completion_tokens == 3, f"{field}=3 gave {r.usage.completion_tokens} tokens")
     expect(r.choices[0].finish_reason == "length", "finish_reason is not length")
     refused(ep, field, -1)
+
+
+def check_max_completion_tokens(ep):
+    check_max_tokens(ep, "max_completion_tokens")
+    _, r = call(ep, max_tokens=3, max_completion_tokens=3)
+    expect(r.usage.completion_tokens == 3, "agreeing limits were not honoured")
+    refused(ep, "max_tokens", 5, max_completion_tokens=3)  # two limits that disagree
 
 
 def check_stop(ep):
@@ -245,6 +254,46 @@ def check_messages(ep):
             expect(e.param == param, f"{bad} refused naming {e.param!r}")
 
 
+def check_chat_logprobs(ep):
+    _, r = call(ep, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    expect(len(content) == r.usage.completion_tokens, f"{len(content)} entries for {r.usage.completion_tokens} tokens")
+    for e in content:
+        tops = [t.logprob for t in e.top_logprobs]
+        expect(len(tops) == 3 and tops == sorted(tops, reverse=True), f"top_logprobs not the 3 best: {tops}")
+        # Greedy: the chosen token is the most likely one; a distribution sums to at most 1.
+        expect(abs(e.logprob - tops[0]) < 1e-6 and e.top_logprobs[0].token == e.token, f"{e} is not the best")
+        expect(e.logprob <= 0 and sum(math.exp(t) for t in tops) <= 1 + 1e-4, f"not log-probabilities: {e}")
+        expect(bytes(e.bytes).decode("utf-8", "replace") == e.token, f"bytes do not spell {e.token!r}")
+    _, chunks = call(ep, logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    expect([(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content],
+           "streamed logprobs differ from the whole answer's")
+    _, r = call(ep, logprobs=True)
+    expect(all(e.top_logprobs == [] for e in r.choices[0].logprobs.content), "alternatives without top_logprobs")
+    refused(ep, "logprobs", "yes")
+
+
+def check_top_logprobs(ep):
+    refused(ep, "top_logprobs", 21, logprobs=True)
+    refused(ep, "top_logprobs", 2)  # without logprobs: true
+
+
+def check_completion_logprobs(ep):
+    text, r = call(ep, logprobs=2)
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    expect(len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n, f"{lp}")
+    expect(all(len(t) <= 2 for t in lp.top_logprobs), "more than 2 alternatives")
+    expect(lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0, f"offsets {lp.text_offset}")
+    expect(all(x <= 0 for x in lp.token_logprobs), f"{lp.token_logprobs}")
+    _, chunks = call(ep, logprobs=2, stream=True)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    expect(streamed == lp.tokens, "streamed tokens differ")
+    refused(ep, "logprobs", 6)
+    refused(ep, "logprobs", 1, echo=True)
+
+
 def check_response_format(ep):
     text = greedy(ep, max_tokens=40, temperature=0.8, seed=3, response_format={"type": "json_object"})
     expect(isinstance(json.loads(text), dict), f"json_object gave {text!r}")
@@ -268,6 +317,8 @@ def check_response_format(ep):
                 response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}},
             )
             jsonschema.validate(json.loads(text), schema)
+    # A stop sequence would cut the promised document.
+    refused(ep, "stop", ["}"], response_format={"type": "json_object"})
     bad = {"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}}}
     refused(ep, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": bad}})
     try:
@@ -280,7 +331,7 @@ CHAT = {
     **COMMON,
     **EXTENSIONS,
     "messages": check_messages,
-    "max_completion_tokens": lambda ep: check_max_tokens(ep, "max_completion_tokens"),
+    "max_completion_tokens": check_max_completion_tokens,
     "response_format": check_response_format,
     "safety_identifier": check_identifier("safety_identifier"),
     "prompt_cache_key": check_identifier("prompt_cache_key"),
@@ -291,8 +342,8 @@ CHAT = {
     "reasoning_effort": accepts("reasoning_effort", "none", "high"),
     "prompt_cache_retention": accepts("prompt_cache_retention", "in_memory", "24h"),
     "prompt_cache_options": accepts("prompt_cache_options", {"mode": "implicit"}, {"mode": "explicit"}),
-    "logprobs": accepts("logprobs", False, True),
-    "top_logprobs": refuses("top_logprobs", 2),
+    "logprobs": check_chat_logprobs,
+    "top_logprobs": check_top_logprobs,
     "audio": refuses("audio", {"voice": "alloy", "format": "wav"}),
     "verbosity": refuses("verbosity", "low"),
     "prediction": refuses("prediction", {"type": "content", "content": "hello"}),
@@ -327,7 +378,7 @@ COMPLETIONS = {
     "echo": check_echo,
     "best_of": accepts("best_of", 1, 2),
     "suffix": refuses("suffix", " the end."),
-    "logprobs": refuses("logprobs", 1),
+    "logprobs": check_completion_logprobs,
     "foo": check_unknown,
 }
 

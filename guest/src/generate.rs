@@ -1,7 +1,8 @@
 //! The decode loop: sample, stop, detokenize incrementally.
 
 use crate::constraint::{Constraint, Vocab};
-use crate::model::{Model, Session};
+use crate::logprobs::{self, TokenLogprob};
+use crate::model::{Model, Session, Want};
 use crate::sampling::Sampler;
 use crate::text::TextDecoder;
 use crate::Error;
@@ -31,11 +32,20 @@ pub struct GenerateOptions {
     /// Stop at the model's end-of-generation tokens (on by default).
     pub stop_at_end_of_generation: bool,
     pub constraint: Option<Box<dyn Constraint>>,
+    /// Record each generated token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl GenerateOptions {
     pub fn max_tokens(n: usize) -> Self {
-        Self { max_tokens: n, stop: Vec::new(), stop_at_end_of_generation: true, constraint: None }
+        Self { max_tokens: n, stop: Vec::new(), stop_at_end_of_generation: true, constraint: None, logprobs: None }
+    }
+
+    /// Record log-probabilities (see [`Generation::take_logprobs`]) with `alternatives` of
+    /// the most likely tokens at each position.
+    pub fn logprobs(mut self, alternatives: usize) -> Self {
+        self.logprobs = Some(alternatives);
+        self
     }
 
     pub fn stop(mut self, s: impl Into<String>) -> Self {
@@ -76,6 +86,8 @@ pub struct Generation<'m> {
     held: String,
     /// The vocabulary's bytes, fetched once a constraint needs them.
     vocab: Option<Vocab>,
+    /// Log-probabilities of tokens generated since the last [`Generation::take_logprobs`].
+    logprobs: Vec<TokenLogprob>,
     finished: Option<FinishReason>,
 }
 
@@ -119,6 +131,7 @@ impl<'m> Generation<'m> {
             flushed: false,
             held: String::new(),
             vocab: None,
+            logprobs: Vec::new(),
             finished: None,
         })
     }
@@ -185,7 +198,11 @@ impl<'m> Generation<'m> {
             self.finish(FinishReason::Length);
             return Ok(None);
         }
-        let want = self.sampler.want(allowed);
+        let mut want = self.sampler.want(allowed);
+        if let (Some(n), Want::TopK { k, logprobs, .. }) = (self.options.logprobs, &mut want) {
+            *logprobs = true;
+            *k = (*k).max(n as u32);
+        }
         let candidates = self.session.feed(&self.next_input, &want)?;
         let token = self
             .sampler
@@ -194,6 +211,11 @@ impl<'m> Generation<'m> {
         if self.options.stop_at_end_of_generation && self.model.is_end_of_generation(token) {
             self.finish(FinishReason::Stop);
             return Ok(None);
+        }
+        if let Some(n) = self.options.logprobs {
+            let entry = logprobs::of(&candidates, token, n)
+                .ok_or_else(|| Error::Protocol("the host returned no log-probability for the sampled token".into()))?;
+            self.logprobs.push(entry);
         }
         self.generated.push(token);
         self.next_input = vec![token];
@@ -281,6 +303,14 @@ impl<'m> Generation<'m> {
             }
         }
         best.min(h.len())
+    }
+
+    /// Log-probabilities of the tokens generated since the last call (with
+    /// [`GenerateOptions::logprobs`]). Taken after each [`Generation::next_text`], they are
+    /// the tokens that text came from; tokens held back for a stop sequence come with the
+    /// text that follows them.
+    pub fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.logprobs)
     }
 
     /// Run to the end and return all text.

@@ -38,6 +38,7 @@ mod constraint;
 mod error;
 mod generate;
 mod http;
+mod logprobs;
 mod model;
 mod params;
 mod sampling;
@@ -57,6 +58,7 @@ pub use constraint::{Constraint, JsonConstraint, SchemaConstraint, SchemaError, 
 pub use error::{Error, HttpError};
 pub use generate::{FinishReason, GenerateOptions, Generation};
 pub use http::{from_json_value, serve, Handler, Request, Responder, SseStream};
+pub use logprobs::TokenLogprob;
 pub use model::{Candidates, ChatMessage, Model, ModelInfo, Session, Want};
 pub use params::{max_tokens, SamplingParams, Stop};
 pub use sampling::Sampler;

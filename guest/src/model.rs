@@ -13,8 +13,9 @@ pub use llm::{ChatMessage, ModelInfo};
 /// What a feed asks the host for.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Want {
-    /// The `k` best candidates (host-side), optionally only among `allowed` ids.
-    TopK { k: u32, allowed: Option<Vec<i32>> },
+    /// The `k` best candidates (host-side), optionally only among `allowed` ids; with
+    /// `logprobs`, also their log-probabilities over the whole vocabulary.
+    TopK { k: u32, allowed: Option<Vec<i32>>, logprobs: bool },
     /// The whole logits row (one float per vocabulary entry).
     Logits,
 }
@@ -22,8 +23,8 @@ pub enum Want {
 /// The next-token distribution a feed returns.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Candidates {
-    /// Best first.
-    Top { ids: Vec<i32>, logits: Vec<f32> },
+    /// Best first; `logprobs` when asked for.
+    Top { ids: Vec<i32>, logits: Vec<f32>, logprobs: Option<Vec<f32>> },
     /// Indexed by token id.
     Full(Vec<f32>),
 }
@@ -174,21 +175,29 @@ impl Session {
     /// Append tokens and get the next-token distribution after the last one.
     pub fn feed(&mut self, tokens: &[i32], want: &Want) -> Result<Candidates, Error> {
         let mut inputs = vec![("input_ids".to_string(), i32_tensor(tokens))];
-        if let Want::TopK { k, allowed } = want {
+        if let Want::TopK { k, allowed, logprobs } = want {
             inputs.push(("top_k".to_string(), i32_tensor(&[*k as i32])));
             if let Some(allowed) = allowed {
                 inputs.push(("allowed_ids".to_string(), i32_tensor(allowed)));
+            }
+            if *logprobs {
+                inputs.push(("logprobs".to_string(), i32_tensor(&[1])));
             }
         }
         let outputs = self.ctx.compute(inputs)?;
         self.len += tokens.len();
         let find = |name: &str| outputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
         match want {
-            Want::TopK { .. } => {
+            Want::TopK { logprobs, .. } => {
                 let (Some(ids), Some(logits)) = (find("top_k_ids"), find("top_k_logits")) else {
                     return Err(Error::Protocol("the host returned no top_k_ids/top_k_logits".into()));
                 };
-                Ok(Candidates::Top { ids: read_i32(ids), logits: read_f32(logits) })
+                let logprobs = match (logprobs, find("top_k_logprobs")) {
+                    (false, _) => None,
+                    (true, Some(t)) => Some(read_f32(t)),
+                    (true, None) => return Err(Error::Protocol("the host returned no top_k_logprobs".into())),
+                };
+                Ok(Candidates::Top { ids: read_i32(ids), logits: read_f32(logits), logprobs })
             }
             Want::Logits => {
                 let row = find("logits").map(read_f32).unwrap_or_default();

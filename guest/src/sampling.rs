@@ -145,7 +145,7 @@ impl Sampler {
         if let Some(a) = &allowed {
             k = k.min(a.len().max(1) as u32);
         }
-        Want::TopK { k, allowed }
+        Want::TopK { k, allowed, logprobs: false }
     }
 
     /// Pick the next token. `recent` is the generated history the penalties look at.
@@ -157,7 +157,7 @@ impl Sampler {
             }
         }
         let mut cands: Vec<(i32, f32)> = match candidates {
-            Candidates::Top { ids, logits } => ids.iter().copied().zip(logits.iter().copied()).collect(),
+            Candidates::Top { ids, logits, .. } => ids.iter().copied().zip(logits.iter().copied()).collect(),
             Candidates::Full(row) => row.iter().enumerate().map(|(i, &l)| (i as i32, l)).collect(),
         };
         cands.retain(|(_, l)| !l.is_nan());
@@ -264,7 +264,11 @@ mod tests {
     use super::*;
 
     fn top(pairs: &[(i32, f32)]) -> Candidates {
-        Candidates::Top { ids: pairs.iter().map(|p| p.0).collect(), logits: pairs.iter().map(|p| p.1).collect() }
+        Candidates::Top {
+            ids: pairs.iter().map(|p| p.0).collect(),
+            logits: pairs.iter().map(|p| p.1).collect(),
+            logprobs: None,
+        }
     }
 
     fn sampler(seed: u64) -> Sampler {
@@ -309,9 +313,12 @@ mod tests {
 
     #[test]
     fn want_asks_for_one_candidate_only_when_greedy_and_plain() {
-        assert_eq!(sampler(1).want(None), Want::TopK { k: 1, allowed: None });
-        assert_eq!(sampler(1).temperature(0.7).want(None), Want::TopK { k: 64, allowed: None });
+        assert_eq!(sampler(1).want(None), Want::TopK { k: 1, allowed: None, logprobs: false });
+        assert_eq!(sampler(1).temperature(0.7).want(None), Want::TopK { k: 64, allowed: None, logprobs: false });
         assert_eq!(sampler(1).logit_bias(3, 5.0).want(None), Want::Logits);
-        assert_eq!(sampler(1).temperature(0.7).want(Some(vec![1, 2])), Want::TopK { k: 2, allowed: Some(vec![1, 2]) });
+        assert_eq!(
+            sampler(1).temperature(0.7).want(Some(vec![1, 2])),
+            Want::TopK { k: 2, allowed: Some(vec![1, 2]), logprobs: false }
+        );
     }
 }

@@ -261,7 +261,7 @@ async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let prompt = model.tokenize(&text, true, true)?;
     let mut seq = model.open().await?;
-    let want = Want::TopK { k: 1, allowed: None };
+    let want = Want::top(1);
     let mut input = prompt;
     let mut pending: Vec<u8> = Vec::new();
     let mut stdout = std::io::stdout().lock();

@@ -80,7 +80,7 @@ pub fn top1(out: &Output) -> i32 {
 }
 
 pub fn greedy_want() -> Want {
-    Want::TopK { k: 1, allowed: None }
+    Want::top(1)
 }
 
 /// Feed a prompt and generate `n` greedy tokens (ignoring end-of-generation).

@@ -9,6 +9,7 @@
 //! Every other field is refused with a 400 naming it (see `fields`), never dropped.
 
 mod fields;
+mod logprobs;
 
 use fields::Endpoint;
 use flywheel_guest::{
@@ -131,9 +132,15 @@ fn prepare(common: &Common) -> Result<Prepared, HttpError> {
     };
     let model = Model::open(&name)?;
     let info = model.info();
-    let limit = match common.max_completion_tokens {
-        Some(n) => max_tokens(Some(n), 256, info.context_length).map_err(|e| e.with_param("max_completion_tokens"))?,
-        None => max_tokens(common.max_tokens, 256, info.context_length)?,
+    let limit = match (common.max_completion_tokens, common.max_tokens) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(HttpError::bad_request("max_tokens and max_completion_tokens disagree; send one")
+                .with_param("max_tokens"))
+        }
+        (Some(n), _) => {
+            max_tokens(Some(n), 256, info.context_length).map_err(|e| e.with_param("max_completion_tokens"))?
+        }
+        (None, n) => max_tokens(n, 256, info.context_length)?,
     };
     let sampler = common.sampling.sampler(1.0, info.vocab_size)?;
     let mut options = GenerateOptions::max_tokens(limit);
@@ -170,11 +177,13 @@ enum Prompt {
 struct CompletionRequest {
     prompt: Prompt,
     echo: Option<bool>,
+    logprobs: Option<i64>,
 }
 
 fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
     let (body, common): (CompletionRequest, Common) = read_body(req, Endpoint::Completions)?;
     let echo = body.echo == Some(true);
+    let alternatives = logprobs::completion_request(body.logprobs, echo)?;
     let mut p = prepare(&common)?;
     let (prompt_text, tokens) = match &body.prompt {
         Prompt::Text(t) => (t.clone(), p.model.tokenize(t)?),
@@ -187,24 +196,30 @@ fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
     let id = random_id("cmpl");
     let created = now();
     let name = p.name.clone();
-    let options = std::mem::replace(&mut p.options, GenerateOptions::max_tokens(0));
-    let mut generation =
-        p.model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "prompt"))?;
-    let chunk = |text: &str, reason: Option<&str>| {
+    let mut options = std::mem::replace(&mut p.options, GenerateOptions::max_tokens(0));
+    options.logprobs = alternatives;
+    let model = &p.model;
+    let mut generation = model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "prompt"))?;
+    let chunk = |text: &str, logprobs: Value, reason: Option<&str>| {
         json!({
             "id": id, "object": "text_completion", "created": created, "model": name,
-            "choices": [{ "text": text, "index": 0, "logprobs": null, "finish_reason": reason }],
+            "choices": [{ "text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason }],
         })
     };
+    let mut offsets = logprobs::CompletionLogprobs::default();
     if common.streaming() {
         stream_or_fail(res.sse()?, |sse| {
             if echo {
-                sse.send_json(&chunk(&prompt_text, None))?;
+                sse.send_json(&chunk(&prompt_text, Value::Null, None))?;
             }
             while let Some(text) = generation.next_text()? {
-                sse.send_json(&chunk(&text, None))?;
+                let lp = match alternatives {
+                    Some(_) => offsets.render(model, &generation.take_logprobs())?,
+                    None => Value::Null,
+                };
+                sse.send_json(&chunk(&text, lp, None))?;
             }
-            sse.send_json(&chunk("", Some(finish_reason(&generation))))?;
+            sse.send_json(&chunk("", Value::Null, Some(finish_reason(&generation))))?;
             send_usage(
                 sse,
                 &common,
@@ -213,11 +228,15 @@ fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
             )
         })
     } else {
-        let mut text = generation.collect_text()?;
+        let (mut text, entries) = logprobs::collect(&mut generation)?;
         if echo {
             text = prompt_text + &text;
         }
-        let mut out = chunk(&text, Some(finish_reason(&generation)));
+        let lp = match alternatives {
+            Some(_) => offsets.render(model, &entries)?,
+            None => Value::Null,
+        };
+        let mut out = chunk(&text, lp, Some(finish_reason(&generation)));
         out["usage"] = usage(&generation);
         res.json(200, &out)
     }
@@ -268,12 +287,15 @@ fn send_usage(
 struct ChatRequest {
     messages: Vec<Message>,
     response_format: Option<ResponseFormat>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
 }
 
 #[derive(Deserialize)]
 struct Message {
     role: String,
     content: Option<Content>,
+    refusal: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -342,6 +364,15 @@ fn output_constraint(format: Option<&ResponseFormat>) -> Result<Option<Box<dyn C
 }
 
 fn message_text(m: &Message) -> Result<String, HttpError> {
+    let content = content_text(m)?;
+    Ok(match &m.refusal {
+        Some(r) if content.is_empty() => r.clone(),
+        Some(r) => format!("{content}\n{r}"),
+        None => content,
+    })
+}
+
+fn content_text(m: &Message) -> Result<String, HttpError> {
     match &m.content {
         None => Ok(String::new()),
         Some(Content::Text(t)) => Ok(t.clone()),
@@ -374,29 +405,43 @@ fn chat_completions(req: &Request, res: Responder) -> Result<(), HttpError> {
         messages.push(ChatMessage { role: role.into(), content: message_text(m)? });
     }
     let constraint = output_constraint(body.response_format.as_ref())?;
+    if constraint.is_some() && common.stop.is_some() {
+        // Cutting constrained output at a stop sequence would break the document it promises.
+        return Err(HttpError::bad_request(
+            "stop cannot be combined with a json_object or json_schema response_format",
+        )
+        .with_param("stop"));
+    }
+    let alternatives = logprobs::chat_request(body.logprobs, body.top_logprobs)?;
     let mut p = prepare(&common)?;
     let tokens = p.model.chat_prompt(&messages)?;
     let mut options = std::mem::replace(&mut p.options, GenerateOptions::max_tokens(0));
     options.constraint = constraint;
+    options.logprobs = alternatives;
+    let model = &p.model;
     let mut generation =
-        p.model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "messages"))?;
+        model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "messages"))?;
     let id = random_id("chatcmpl");
     let created = now();
     let name = p.name.clone();
     if common.streaming() {
-        let chunk = |delta: Value, reason: Option<&str>| {
+        let chunk = |delta: Value, logprobs: Value, reason: Option<&str>| {
             json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
                 "system_fingerprint": null,
-                "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": reason }],
+                "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason }],
             })
         };
         stream_or_fail(res.sse()?, |sse| {
-            sse.send_json(&chunk(json!({ "role": "assistant", "content": "" }), None))?;
+            sse.send_json(&chunk(json!({ "role": "assistant", "content": "" }), Value::Null, None))?;
             while let Some(text) = generation.next_text()? {
-                sse.send_json(&chunk(json!({ "content": text }), None))?;
+                let lp = match alternatives {
+                    Some(_) => logprobs::chat(model, &generation.take_logprobs())?,
+                    None => Value::Null,
+                };
+                sse.send_json(&chunk(json!({ "content": text }), lp, None))?;
             }
-            sse.send_json(&chunk(json!({}), Some(finish_reason(&generation))))?;
+            sse.send_json(&chunk(json!({}), Value::Null, Some(finish_reason(&generation))))?;
             send_usage(
                 sse,
                 &common,
@@ -405,7 +450,11 @@ fn chat_completions(req: &Request, res: Responder) -> Result<(), HttpError> {
             )
         })
     } else {
-        let text = generation.collect_text()?;
+        let (text, entries) = logprobs::collect(&mut generation)?;
+        let lp = match alternatives {
+            Some(_) => logprobs::chat(model, &entries)?,
+            None => Value::Null,
+        };
         res.json(
             200,
             &json!({
@@ -414,7 +463,7 @@ fn chat_completions(req: &Request, res: Responder) -> Result<(), HttpError> {
                 "choices": [{
                     "index": 0,
                     "message": { "role": "assistant", "content": text, "refusal": null },
-                    "logprobs": null,
+                    "logprobs": lp,
                     "finish_reason": finish_reason(&generation),
                 }],
                 "usage": usage(&generation),

@@ -96,7 +96,7 @@ pub(crate) async fn engine_run(model: &Arc<Model>, prompts: &[Vec<i32>], gen: us
         tasks.push(tokio::spawn(async move {
             let opened = Instant::now();
             let mut seq = model.open().await?;
-            let want = Want::TopK { k: 1, allowed: None };
+            let want = Want::top(1);
             let mut next = first_id(seq.feed(&p, want.clone()).await?)?;
             let first = opened.elapsed();
             let first_at = Instant::now();

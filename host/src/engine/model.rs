@@ -297,7 +297,7 @@ impl Model {
         if let Some(&token) = tokens.iter().find(|t| bad(t)) {
             return Err(EngineError::InvalidToken { token, vocab });
         }
-        if let Want::TopK { k, allowed } = want {
+        if let Want::TopK { k, allowed, .. } = want {
             if *k == 0 {
                 return Err(EngineError::InvalidArgument("top_k must be at least 1".into()));
             }

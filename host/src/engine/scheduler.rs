@@ -611,9 +611,13 @@ impl<'m> Scheduler<'m> {
             let logits = self.ctx.get_logits_ith(row as i32);
             let out = match feed.want {
                 Want::Logits => Output::Logits(logits.to_vec()),
-                Want::TopK { k, allowed } => {
-                    let (ids, logits) = topk::top_k(logits, k, allowed.as_deref());
-                    Output::TopK { ids, logits }
+                Want::TopK { k, allowed, logprobs } => {
+                    let (ids, top) = topk::top_k(logits, k, allowed.as_deref());
+                    let logprobs = logprobs.then(|| {
+                        let normalizer = topk::log_sum_exp(logits);
+                        top.iter().map(|l| l - normalizer).collect()
+                    });
+                    Output::TopK { ids, logits: top, logprobs }
                 }
             };
             let _ = feed.reply.send(Ok(out));

@@ -13,14 +13,27 @@ use super::{EngineError, Model};
 pub enum Want {
     /// The whole logits row (`vocab_size` floats).
     Logits,
-    /// The `k` best candidates, best first, optionally only among `allowed` ids.
-    TopK { k: usize, allowed: Option<Vec<i32>> },
+    /// The `k` best candidates, best first, optionally only among `allowed` ids; with
+    /// `logprobs`, also their log-probabilities over the whole vocabulary.
+    TopK { k: usize, allowed: Option<Vec<i32>>, logprobs: bool },
+}
+
+impl Want {
+    /// The `k` best candidates over the whole vocabulary.
+    pub fn top(k: usize) -> Self {
+        Want::TopK { k, allowed: None, logprobs: false }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
     Logits(Vec<f32>),
-    TopK { ids: Vec<i32>, logits: Vec<f32> },
+    /// `logprobs`: log-softmax of the candidates over the whole row, when asked for.
+    TopK {
+        ids: Vec<i32>,
+        logits: Vec<f32>,
+        logprobs: Option<Vec<f32>>,
+    },
 }
 
 /// An open sequence. Dropping it frees its KV cells (or hands them to the prefix cache)

@@ -25,6 +25,18 @@ pub fn argmax(row: &[f32]) -> Option<usize> {
     best_idx
 }
 
+/// `ln Σ exp(row)`, the log-softmax normalizer, computed stably around the row's maximum
+/// (in f64: a 262k-entry sum in f32 would lose the small terms). Non-finite entries count
+/// as impossible tokens.
+pub fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.chunks(BLOCK).map(block_max).fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let sum: f64 = row.iter().filter(|x| x.is_finite()).map(|&x| f64::from(x - max).exp()).sum();
+    max + sum.ln() as f32
+}
+
 #[inline]
 fn block_max(block: &[f32]) -> f32 {
     // NaN compares false and so never wins.
@@ -183,6 +195,17 @@ mod tests {
         assert_eq!(argmax(&row), Some(1));
         assert_eq!(top_k(&row, 3, None).0, vec![1, 3, 4]);
         assert_eq!(top_k(&row, 3, None).1, vec![3.0, 3.0, 2.0]);
+    }
+
+    #[test]
+    fn log_sum_exp_normalizes_a_row() {
+        let row: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 10.0).collect();
+        let lse = log_sum_exp(&row);
+        let total: f64 = row.iter().map(|&x| f64::from(x - lse).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        // Far past f32's exp range: still finite.
+        assert!((log_sum_exp(&[1000.0, 1000.0]) - (1000.0 + 2f32.ln())).abs() < 1e-3);
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY, 0.0]), 0.0);
     }
 
     #[test]

@@ -29,6 +29,7 @@ type Refusal = (ErrorCode, String);
 pub const INPUT_IDS: &str = "input_ids";
 pub const TOP_K: &str = "top_k";
 pub const ALLOWED_IDS: &str = "allowed_ids";
+pub const LOGPROBS: &str = "logprobs";
 
 /// Longest model name a guest may pass (names are echoed in error messages).
 const MAX_MODEL_NAME: usize = 256;
@@ -228,6 +229,7 @@ impl NnView<'_> {
         let mut ids = None;
         let mut top_k = None;
         let mut allowed = None;
+        let mut logprobs = false;
         let mut problem = None;
         for (name, handle) in inputs {
             // Inputs are owned by the host now: take them out of the table either way.
@@ -253,8 +255,17 @@ impl NnView<'_> {
                     allowed = Some(v);
                     Ok(())
                 }),
+                LOGPROBS => i32_vector(&name, &t).and_then(|v| match v.as_slice() {
+                    [0] => Ok(()),
+                    [1] => {
+                        logprobs = true;
+                        Ok(())
+                    }
+                    _ => Err(format!("{LOGPROBS} must hold one integer, 0 or 1, got {v:?}")),
+                }),
                 other => Err(format!(
-                    "unknown input tensor {other:?}; expected {INPUT_IDS:?}, optionally {TOP_K:?} and {ALLOWED_IDS:?}"
+                    "unknown input tensor {other:?}; expected {INPUT_IDS:?}, optionally {TOP_K:?}, {ALLOWED_IDS:?} \
+                     and {LOGPROBS:?}"
                 )),
             };
             if let Err(msg) = parsed {
@@ -268,10 +279,11 @@ impl NnView<'_> {
             return Ok(Err((ErrorCode::InvalidArgument, format!("missing input tensor {INPUT_IDS:?}"))));
         };
         let want = match (top_k, allowed) {
-            (Some(k), allowed) => Want::TopK { k, allowed },
-            (None, None) => Want::Logits,
-            (None, Some(_)) => {
-                return Ok(Err((ErrorCode::InvalidArgument, format!("{ALLOWED_IDS:?} needs {TOP_K:?}"))));
+            (Some(k), allowed) => Want::TopK { k, allowed, logprobs },
+            (None, None) if !logprobs => Want::Logits,
+            (None, _) => {
+                let msg = format!("{ALLOWED_IDS:?} and {LOGPROBS:?} need {TOP_K:?}");
+                return Ok(Err((ErrorCode::InvalidArgument, msg)));
             }
         };
         Ok(Ok((ids, want)))
@@ -389,10 +401,21 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
             Output::Logits(row) => {
                 vec![("logits", vec![row.len() as u32], TensorType::Fp32, le_bytes(&row, f32::to_le_bytes))]
             }
-            Output::TopK { ids, logits } => vec![
-                ("top_k_ids", vec![ids.len() as u32], TensorType::I32, le_bytes(&ids, i32::to_le_bytes)),
-                ("top_k_logits", vec![logits.len() as u32], TensorType::Fp32, le_bytes(&logits, f32::to_le_bytes)),
-            ],
+            Output::TopK { ids, logits, logprobs } => {
+                let mut t = vec![
+                    ("top_k_ids", vec![ids.len() as u32], TensorType::I32, le_bytes(&ids, i32::to_le_bytes)),
+                    ("top_k_logits", vec![logits.len() as u32], TensorType::Fp32, le_bytes(&logits, f32::to_le_bytes)),
+                ];
+                if let Some(lp) = logprobs {
+                    t.push((
+                        "top_k_logprobs",
+                        vec![lp.len() as u32],
+                        TensorType::Fp32,
+                        le_bytes(&lp, f32::to_le_bytes),
+                    ));
+                }
+                t
+            }
         };
         let mut named = Vec::with_capacity(tensors.len());
         for (name, dims, ty, data) in tensors {

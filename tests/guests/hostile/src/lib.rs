@@ -36,7 +36,7 @@ impl Handler for Hostile {
                 let model = first_model()?;
                 let mut session = model.session()?;
                 let prompt = model.tokenize("hello world, once upon a time")?;
-                session.feed(&prompt, &Want::TopK { k: 1, allowed: None })?;
+                session.feed(&prompt, &Want::TopK { k: 1, allowed: None, logprobs: false })?;
                 spin_forever()
             }
             "bomb" => memory_bomb(),
@@ -208,7 +208,10 @@ fn cut_stream(how: &str, mut sse: flywheel_guest::SseStream) -> Result<(), HttpE
             // client that stops reading stalls it with the sequence held.
             let model = first_model()?;
             let mut session = model.session()?;
-            session.feed(&model.tokenize("hello world, once upon a time")?, &Want::TopK { k: 1, allowed: None })?;
+            session.feed(
+                &model.tokenize("hello world, once upon a time")?,
+                &Want::TopK { k: 1, allowed: None, logprobs: false },
+            )?;
             let chunk = "x".repeat(60_000);
             loop {
                 sse.send_data(&chunk)?;
