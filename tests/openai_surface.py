@@ -294,6 +294,89 @@ def check_completion_logprobs(ep):
     refused(ep, "logprobs", 1, echo=True)
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+
+
+def tool_call_of(ep, **kw):
+    """(name, arguments, id, finish_reason) of the one call an answer makes, or None; streamed or whole."""
+    _, r = call(ep, max_tokens=64, **kw)
+    if not kw.get("stream"):
+        choice = r.choices[0]
+        calls = choice.message.tool_calls
+        if not calls:
+            return None
+        expect(len(calls) == 1 and choice.message.content is None, f"{choice.message}")
+        c = calls[0]
+        return c.function.name, c.function.arguments, c.id, choice.finish_reason
+    name, args, call_id, finish = None, "", None, None
+    for chunk in r:
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                expect(d.index == 0, f"call index {d.index}")
+                call_id = d.id or call_id
+                name = (d.function.name if d.function and d.function.name else None) or name
+                args += (d.function.arguments or "") if d.function else ""
+            finish = c.finish_reason or finish
+    return (name, args, call_id, finish) if name else None
+
+
+def check_tools(ep):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for stream in (False, True):
+        for choice, names in ((named, {"get_weather"}), ("required", {"get_weather", "get_time"})):
+            got = tool_call_of(ep, tools=[WEATHER, CLOCK], tool_choice=choice, stream=stream, temperature=1, seed=5)
+            expect(got is not None, f"tool_choice={choice} (stream={stream}) made no call")
+            name, args, call_id, finish = got
+            expect(name in names and call_id.startswith("call_") and finish in ("tool_calls", "length"), f"{got}")
+            jsonschema.validate(json.loads(args), SCHEMAS[name])
+        _, r = call(ep, tools=[WEATHER], tool_choice="none", stream=stream)
+        expect(r is not None, "tool_choice none gave nothing")
+    # auto: a call that validates, or text.
+    got = tool_call_of(ep, tools=[WEATHER, CLOCK], tool_choice="auto")
+    if got:
+        jsonschema.validate(json.loads(got[1]), SCHEMAS[got[0]])
+    # The loop an agent runs: the call, its result, then the answer.
+    name, args, call_id, _ = tool_call_of(ep, tools=[WEATHER], tool_choice=named)
+    history = MESSAGES + [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"sky": "sunny", "degrees": 21})},
+    ]
+    text, r = call(ep, messages=history, tools=[WEATHER], tool_choice="none")
+    expect(r.usage.prompt_tokens > 20 and isinstance(text, str), "the tool result was not taken")
+    # Bad tool requests.
+    for kw, param in [
+        (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+               "properties": {"d": {"type": "string", "format": "date"}}}}}]), "tools[0]"),
+        (dict(messages=MESSAGES + [{"role": "tool", "content": "x"}]), "messages[1].tool_call_id"),
+        (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), "response_format"),
+    ]:
+        try:
+            call(ep, **kw)
+            raise AssertionError(f"{kw} was accepted")
+        except openai.BadRequestError as e:
+            expect(e.param == param, f"{kw} refused naming {e.param!r}: {e.message}")
+
+
+def check_tool_choice(ep):
+    refused(ep, "tool_choice", "auto")  # without tools
+    refused(ep, "tool_choice", "sometimes", tools=[WEATHER])
+
+
+def check_parallel_tool_calls(ep):
+    for flag in (True, False):
+        got = tool_call_of(ep, tools=[WEATHER], tool_choice="required", parallel_tool_calls=flag)
+        expect(got is not None, "no call")
+    refused(ep, "parallel_tool_calls", False)  # without tools
+
+
 def check_response_format(ep):
     text = greedy(ep, max_tokens=40, temperature=0.8, seed=3, response_format={"type": "json_object"})
     expect(isinstance(json.loads(text), dict), f"json_object gave {text!r}")
@@ -349,9 +432,9 @@ CHAT = {
     "prediction": refuses("prediction", {"type": "content", "content": "hello"}),
     "web_search_options": refuses("web_search_options", {"search_context_size": "low"}),
     "moderation": refuses("moderation", {"model": "omni-moderation-latest"}),
-    "tools": refuses("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    "tool_choice": refuses("tool_choice", "auto"),
-    "parallel_tool_calls": refuses("parallel_tool_calls", False),
+    "tools": check_tools,
+    "tool_choice": check_tool_choice,
+    "parallel_tool_calls": check_parallel_tool_calls,
     "functions": refuses("functions", [{"name": "f", "parameters": {"type": "object"}}]),
     "function_call": refuses("function_call", "auto"),
     "foo": check_unknown,

@@ -91,7 +91,7 @@ async fn complete_rejects_bad_requests_clearly() {
     let s = examples_server().await;
     for (body, needle) in [
         ("{not json", "invalid JSON"),
-        (r#"{"prompt": 5}"#, "invalid JSON"),
+        (r#"{"prompt": 5}"#, "invalid value for prompt"),
         (r#"{"prompt": "x", "max_tokens": 0}"#, "max_tokens"),
         (r#"{"prompt": "x", "max_tokens": 100000000}"#, "max_tokens"),
         (r#"{"prompt": "x", "temperature": 9}"#, "temperature"),

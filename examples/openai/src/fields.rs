@@ -95,7 +95,7 @@ fn verdict(endpoint: Endpoint, key: &str, v: &Value, streaming: bool) -> Verdict
             Honoured
         }
         (Chat, "prompt_cache_options") => refuse("prompt caching here is implicit; send {\"mode\": \"implicit\"}"),
-        (Chat, "tools" | "tool_choice" | "parallel_tool_calls") => refuse("tool calls are not supported yet"),
+        (Chat, "tools" | "tool_choice" | "parallel_tool_calls") => Honoured,
         (Chat, "functions" | "function_call") => refuse("function calls are not supported"),
         (Chat, "logprobs" | "top_logprobs") => Honoured,
 
@@ -160,7 +160,8 @@ fn check_message(i: usize, m: &Value) -> Result<(), HttpError> {
             // An assistant's refusal in the history is rendered as what it said.
             ("refusal", Value::String(_)) => continue,
             ("name", _) => "participant names are not supported",
-            ("tool_calls" | "tool_call_id" | "function_call", _) => "tool calls are not supported yet",
+            ("tool_calls" | "tool_call_id", _) => continue,
+            ("function_call", _) => "function_call is deprecated and not supported; send tool_calls",
             ("audio", _) => "audio is not supported",
             _ => "is not a field of a chat message",
         };

@@ -8,13 +8,15 @@
 //! shape. Extensions: `top_k`, `min_p`, `repetition_penalty` (`repeat_penalty`), `ignore_eos`.
 //! Every other field is refused with a 400 naming it (see `fields`), never dropped.
 
+mod chat;
 mod fields;
 mod logprobs;
+mod tools;
 
 use fields::Endpoint;
 use flywheel_guest::{
-    export_plugin, from_json_value, max_tokens, ChatMessage, Constraint, GenerateOptions, Generation, Handler,
-    HttpError, JsonConstraint, Model, Request, Responder, SamplingParams, SchemaConstraint, SseStream, Stop,
+    export_plugin, from_json_value, max_tokens, GenerateOptions, Generation, Handler, HttpError, Model, Request,
+    Responder, SamplingParams, SseStream, Stop,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -40,7 +42,7 @@ impl Handler for OpenAi {
                 }
             }
             ("POST", "/v1/completions") => completions(&req, res),
-            ("POST", "/v1/chat/completions") => chat_completions(&req, res),
+            ("POST", "/v1/chat/completions") => chat::completions(&req, res),
             (_, "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
                 Err(HttpError::new(405, "invalid_request_error", format!("{} is not allowed on {path}", req.method)))
             }
@@ -279,197 +281,6 @@ fn send_usage(
         sse.send_json(&usage_chunk(usage(g)))?;
     }
     Ok(())
-}
-
-// ---- /v1/chat/completions --------------------------------------------------------------
-
-#[derive(Deserialize)]
-struct ChatRequest {
-    messages: Vec<Message>,
-    response_format: Option<ResponseFormat>,
-    logprobs: Option<bool>,
-    top_logprobs: Option<i64>,
-}
-
-#[derive(Deserialize)]
-struct Message {
-    role: String,
-    content: Option<Content>,
-    refusal: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResponseFormat {
-    #[serde(rename = "type")]
-    kind: String,
-    json_schema: Option<JsonSchemaFormat>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonSchemaFormat {
-    name: String,
-    /// A note for the model; the schema's own descriptions are what it is shown.
-    #[serde(rename = "description")]
-    _description: Option<String>,
-    schema: Option<Value>,
-    /// The output follows the schema whether or not strict is asked for.
-    #[serde(rename = "strict")]
-    _strict: Option<bool>,
-}
-
-/// The constraint `response_format` asks for, if any.
-fn output_constraint(format: Option<&ResponseFormat>) -> Result<Option<Box<dyn Constraint>>, HttpError> {
-    let refuse = |msg: String| HttpError::bad_request(msg).with_param("response_format");
-    let Some(format) = format else { return Ok(None) };
-    match (format.kind.as_str(), &format.json_schema) {
-        ("text", None) => Ok(None),
-        ("json_object", None) => Ok(Some(Box::new(JsonConstraint::object()))),
-        ("json_schema", Some(spec)) => {
-            let valid_name = !spec.name.is_empty()
-                && spec.name.len() <= 64
-                && spec.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if !valid_name {
-                return Err(refuse("json_schema.name must be 1 to 64 letters, digits, _ or -".into()));
-            }
-            match &spec.schema {
-                None => Ok(Some(Box::new(JsonConstraint::object()))),
-                Some(schema) => match SchemaConstraint::new(schema) {
-                    Ok(c) => Ok(Some(Box::new(c))),
-                    Err(e) => Err(refuse(format!("response_format.json_schema.schema: {e}"))),
-                },
-            }
-        }
-        ("json_schema", None) => Err(refuse("response_format of type json_schema needs a json_schema".into())),
-        ("text" | "json_object", Some(_)) => Err(refuse("json_schema belongs to the type json_schema".into())),
-        (other, _) => Err(refuse(format!(
-            "response_format type {other:?} is not supported; use \"text\", \"json_object\" or \"json_schema\""
-        ))),
-    }
-}
-
-fn message_text(m: &Message) -> Result<String, HttpError> {
-    let content = content_text(m)?;
-    Ok(match &m.refusal {
-        Some(r) if content.is_empty() => r.clone(),
-        Some(r) => format!("{content}\n{r}"),
-        None => content,
-    })
-}
-
-fn content_text(m: &Message) -> Result<String, HttpError> {
-    match &m.content {
-        None => Ok(String::new()),
-        Some(Content::Text(t)) => Ok(t.clone()),
-        Some(Content::Parts(parts)) => parts
-            .iter()
-            .map(|p| match (p.kind.as_str(), &p.text) {
-                ("text", Some(t)) => Ok(t.as_str()),
-                (kind, _) => Err(HttpError::bad_request(format!("content parts of type {kind:?} are not supported"))
-                    .with_param("messages")),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(|v| v.join("")),
-    }
-}
-
-fn chat_completions(req: &Request, res: Responder) -> Result<(), HttpError> {
-    let (body, common): (ChatRequest, Common) = read_body(req, Endpoint::Chat)?;
-    if body.messages.is_empty() {
-        return Err(HttpError::bad_request("messages must not be empty").with_param("messages"));
-    }
-    let mut messages = Vec::with_capacity(body.messages.len());
-    for m in &body.messages {
-        let role = match m.role.as_str() {
-            "system" | "developer" => "system",
-            "user" => "user",
-            "assistant" => "assistant",
-            "tool" => "tool",
-            other => return Err(HttpError::bad_request(format!("unknown role {other:?}")).with_param("messages")),
-        };
-        messages.push(ChatMessage { role: role.into(), content: message_text(m)? });
-    }
-    let constraint = output_constraint(body.response_format.as_ref())?;
-    if constraint.is_some() && common.stop.is_some() {
-        // Cutting constrained output at a stop sequence would break the document it promises.
-        return Err(HttpError::bad_request(
-            "stop cannot be combined with a json_object or json_schema response_format",
-        )
-        .with_param("stop"));
-    }
-    let alternatives = logprobs::chat_request(body.logprobs, body.top_logprobs)?;
-    let mut p = prepare(&common)?;
-    let tokens = p.model.chat_prompt(&messages)?;
-    let mut options = std::mem::replace(&mut p.options, GenerateOptions::max_tokens(0));
-    options.constraint = constraint;
-    options.logprobs = alternatives;
-    let model = &p.model;
-    let mut generation =
-        model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "messages"))?;
-    let id = random_id("chatcmpl");
-    let created = now();
-    let name = p.name.clone();
-    if common.streaming() {
-        let chunk = |delta: Value, logprobs: Value, reason: Option<&str>| {
-            json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
-                "system_fingerprint": null,
-                "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason }],
-            })
-        };
-        stream_or_fail(res.sse()?, |sse| {
-            sse.send_json(&chunk(json!({ "role": "assistant", "content": "" }), Value::Null, None))?;
-            while let Some(text) = generation.next_text()? {
-                let lp = match alternatives {
-                    Some(_) => logprobs::chat(model, &generation.take_logprobs())?,
-                    None => Value::Null,
-                };
-                sse.send_json(&chunk(json!({ "content": text }), lp, None))?;
-            }
-            sse.send_json(&chunk(json!({}), Value::Null, Some(finish_reason(&generation))))?;
-            send_usage(
-                sse,
-                &common,
-                &generation,
-                |u| json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [], "usage": u }),
-            )
-        })
-    } else {
-        let (text, entries) = logprobs::collect(&mut generation)?;
-        let lp = match alternatives {
-            Some(_) => logprobs::chat(model, &entries)?,
-            None => Value::Null,
-        };
-        res.json(
-            200,
-            &json!({
-                "id": id, "object": "chat.completion", "created": created, "model": name,
-                "system_fingerprint": null,
-                "choices": [{
-                    "index": 0,
-                    "message": { "role": "assistant", "content": text, "refusal": null },
-                    "logprobs": lp,
-                    "finish_reason": finish_reason(&generation),
-                }],
-                "usage": usage(&generation),
-            }),
-        )
-    }
 }
 
 export_plugin!(OpenAi);
