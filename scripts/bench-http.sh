@@ -14,14 +14,8 @@ mkdir -p "$out"
 
 ./target/release/flywheel bench engine --n 1,16 --json | tee "$out/engine.jsonl"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-./target/release/flywheel serve --listen "127.0.0.1:$port" >"$out/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
-  sleep 0.2
-done
+. scripts/serve-in-background.sh
+start_server "$out/server.log"
 ./target/release/flywheel bench http --url "http://127.0.0.1:$port" --concurrency 1,4,16 "$@" | tee "$out/http.table"
 ./target/release/flywheel bench http --url "http://127.0.0.1:$port" --concurrency 1,16 --json "$@" > "$out/http.jsonl"
 

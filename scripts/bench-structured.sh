@@ -14,14 +14,8 @@ out="${BENCH_OUT:-target/bench/structured}"
 mkdir -p "$out"
 : >"$out/rows.jsonl"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-./target/release/flywheel serve --listen "127.0.0.1:$port" >"$out/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
-  sleep 0.2
-done
+. scripts/serve-in-background.sh
+start_server "$out/server.log"
 
 # At least 64 records of a string, a number and an enum: no answer can complete within the
 # 128 tokens, so every request generates as many tokens as a plain one and the comparison

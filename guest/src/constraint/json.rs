@@ -283,6 +283,7 @@ impl Constraint for JsonConstraint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::constraint::test_rng::Rng;
 
     fn feed(text: &str) -> Option<JsonConstraint> {
         let mut c = JsonConstraint::any();
@@ -396,21 +397,6 @@ mod tests {
         assert!(feed_bytes(&mut c, b"\xF0\x9F"));
         let closed = format!("{}{}", String::from_utf8_lossy(b"{\"a\":\"\xF0\x9F"), c.closing());
         serde_json::from_str::<serde_json::Value>(&closed).unwrap_or_else(|e| panic!("{closed}: {e}"));
-    }
-
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
     }
 
     /// Token-like pieces a model might propose: structure, literals, escapes (surrogates

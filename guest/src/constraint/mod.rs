@@ -10,6 +10,8 @@ mod schema;
 mod schema_cursor;
 #[cfg(test)]
 mod schema_tests;
+#[cfg(test)]
+mod test_rng;
 
 pub use json::JsonConstraint;
 pub use schema::{SchemaConstraint, SchemaError};

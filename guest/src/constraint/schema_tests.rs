@@ -5,26 +5,8 @@
 use serde_json::{json, Value};
 
 use super::schema::{Node, NodeId, Schema, SchemaConstraint};
+use super::test_rng::Rng;
 use super::{Constraint, Vocab};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-}
 
 fn constraint(schema: &Value) -> SchemaConstraint {
     SchemaConstraint::new(schema).unwrap_or_else(|e| panic!("{schema}: {e}"))
