@@ -580,3 +580,69 @@ async fn no_batch_wait_and_cancelled_opens_leave_the_engine_usable() {
     .await;
     assert!(both.is_ok(), "sequence slots leaked by cancelled opens");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_submitted_together_compute_their_common_prompt_once() {
+    let model = load(tiny_manifest("tiny-submit"));
+    let p = prompt(&model, 3, 48);
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        seqs.push(model.open().await.unwrap());
+    }
+    // All three are queued before any is waited for, as `compute-many` does for `n` choices.
+    let pending: Vec<_> = seqs.iter_mut().map(|s| s.submit(&p, Want::top(4)).unwrap()).collect();
+    let mut outputs = Vec::new();
+    for (seq, feed) in seqs.iter_mut().zip(pending) {
+        outputs.push(seq.complete(feed).await.unwrap());
+    }
+    let Output::TopK { ids, .. } = &outputs[0] else { panic!("top-k was asked for") };
+    for out in &outputs[1..] {
+        let Output::TopK { ids: other, .. } = out else { panic!("top-k was asked for") };
+        assert_eq!(other[0], ids[0], "the same prompt gave different next tokens");
+    }
+    let computed = model.stats().prefill_tokens.load(Ordering::Relaxed) as usize;
+    // The first computes the prompt; the others copy all but its last token.
+    assert!(computed <= p.len() + 2 * 2, "computed {computed} prompt tokens for 3 x {}", p.len());
+    // A second submit while one is pending is refused; the pending one still completes.
+    let first = seqs[0].submit(&[ids[0]], Want::top(1)).unwrap();
+    assert!(matches!(seqs[0].submit(&[ids[0]], Want::top(1)), Err(EngineError::SequenceBroken)));
+    seqs[0].complete(first).await.unwrap();
+    assert_eq!(seqs[0].len(), p.len() + 1);
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_unit_length_and_the_same_alone_or_in_a_batch() {
+    let mut m = tiny_manifest("tiny-embed");
+    m.embedding_max_inputs = 2;
+    m.embedding_batch = Some(64);
+    let model = load(m);
+    let a = prompt(&model, 7, 20);
+    let b = prompt(&model, 8, 30);
+    // Five inputs in batches of at most two.
+    let batch = model.embed(vec![a.clone(), b.clone(), a.clone(), b.clone(), a.clone()]).await.unwrap();
+    assert_eq!(batch.len(), 5);
+    for v in &batch {
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    }
+    let alone = model.embed(vec![a.clone()]).await.unwrap().remove(0);
+    assert!(distance(&batch[0], &alone) < 1e-3 && distance(&batch[4], &alone) < 1e-3);
+    assert!(distance(&batch[1], &batch[3]) < 1e-3);
+    assert!(distance(&batch[0], &batch[1]) > 1e-2, "different inputs embed alike");
+    assert_eq!(model.stats().embedded_tokens.load(Ordering::Relaxed) as usize, 3 * a.len() + 2 * b.len() + a.len());
+
+    let too_long = prompt(&model, 9, 65);
+    assert!(matches!(
+        model.embed(vec![too_long]).await,
+        Err(EngineError::EmbeddingInputTooLong { index: 0, tokens: 65, limit: 64 })
+    ));
+    assert!(matches!(model.embed(vec![a.clone(), vec![]]).await, Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(model.embed(vec![vec![-1]]).await, Err(EngineError::InvalidToken { .. })));
+    // Generation shares the decode thread and is unaffected.
+    let mut seq = model.open().await.unwrap();
+    assert!(matches!(seq.feed(&a, Want::top(1)).await, Ok(Output::TopK { .. })));
+}

@@ -14,6 +14,7 @@ use std::time::Instant;
 use llama_cpp_2::model::LlamaModel;
 
 use super::backend::{backend, CONTEXT_CREATION};
+use super::embedder::{EmbedJob, Embedder};
 use super::kv::{context_params, sliding_window};
 use super::model::EngineStats;
 use super::scheduler::{Command, Scheduler};
@@ -22,6 +23,8 @@ use super::{EngineError, ModelManifest, StepObserver};
 pub(crate) enum Message {
     /// A command for the model at this index.
     Model(usize, Command),
+    /// Inputs to embed with the model at this index.
+    Embed(usize, EmbedJob),
     /// Work that must run on the decode thread between steps (the native bench loop).
     Exclusive(Box<dyn FnOnce() + Send>),
 }
@@ -38,6 +41,11 @@ impl Link {
     /// False when the decode thread is gone.
     pub(crate) fn send(&self, cmd: Command) -> bool {
         self.tx.send(Message::Model(self.index, cmd)).is_ok()
+    }
+
+    /// False when the decode thread is gone.
+    pub(crate) fn embed(&self, job: EmbedJob) -> bool {
+        self.tx.send(Message::Embed(self.index, job)).is_ok()
     }
 
     pub(crate) fn run_exclusive(&self, work: Box<dyn FnOnce() + Send>) -> bool {
@@ -68,7 +76,7 @@ pub(crate) fn start(models: Vec<ModelSetup>, observer: Arc<dyn StepObserver>) ->
     std::thread::Builder::new()
         .name("decode".into())
         .spawn(move || {
-            let mut schedulers = Vec::with_capacity(models.len());
+            let mut workers = Vec::with_capacity(models.len());
             for m in &models {
                 let ctx = {
                     let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
@@ -84,14 +92,17 @@ pub(crate) fn start(models: Vec<ModelSetup>, observer: Arc<dyn StepObserver>) ->
                 match ctx {
                     Ok(ctx) => {
                         let n_swa = sliding_window(&m.llama);
-                        schedulers.push(Scheduler::new(
-                            &m.manifest,
-                            ctx,
-                            m.n_vocab,
-                            n_swa,
-                            m.stats.clone(),
-                            observer.clone(),
-                        ))
+                        workers.push(Worker {
+                            scheduler: Scheduler::new(
+                                &m.manifest,
+                                ctx,
+                                m.n_vocab,
+                                n_swa,
+                                m.stats.clone(),
+                                observer.clone(),
+                            ),
+                            embedder: Embedder::new(&m.manifest, &m.llama, m.stats.clone()),
+                        })
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -100,7 +111,7 @@ pub(crate) fn start(models: Vec<ModelSetup>, observer: Arc<dyn StepObserver>) ->
                 }
             }
             let _ = ready_tx.send(Ok(()));
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut schedulers, &rx)));
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut workers, &rx)));
             if outcome.is_err() {
                 // Health checks report it, so the process gets restarted.
                 thread_alive.store(false, Ordering::Relaxed);
@@ -119,50 +130,71 @@ pub(crate) fn start(models: Vec<ModelSetup>, observer: Arc<dyn StepObserver>) ->
     }
 }
 
-fn dispatch(schedulers: &mut [Scheduler<'_>], msg: Message) {
+/// What the decode thread runs for one model: its generation batches and its embeddings.
+struct Worker<'m> {
+    scheduler: Scheduler<'m>,
+    embedder: Embedder<'m>,
+}
+
+impl Worker<'_> {
+    fn has_work(&self) -> bool {
+        self.scheduler.has_work() || self.embedder.has_work()
+    }
+}
+
+fn dispatch(workers: &mut [Worker<'_>], msg: Message) {
     match msg {
         Message::Model(i, cmd) => {
-            if let Some(s) = schedulers.get_mut(i) {
-                s.handle(cmd);
+            if let Some(w) = workers.get_mut(i) {
+                w.scheduler.handle(cmd);
             }
         }
+        Message::Embed(i, job) => match workers.get_mut(i) {
+            Some(w) => w.embedder.push(job),
+            None => drop(job),
+        },
         Message::Exclusive(work) => work(),
     }
 }
 
 /// Steps every model with work, in turn, until every link is dropped.
-fn run(schedulers: &mut [Scheduler<'_>], rx: &Receiver<Message>) {
+fn run(workers: &mut [Worker<'_>], rx: &Receiver<Message>) {
     loop {
-        if !schedulers.iter().any(Scheduler::has_work) {
+        if !workers.iter().any(Worker::has_work) {
             // Nothing to compute: sleep until a caller asks for something.
             match rx.recv() {
-                Ok(msg) => dispatch(schedulers, msg),
+                Ok(msg) => dispatch(workers, msg),
                 Err(_) => return,
             }
             continue;
         }
         while let Ok(msg) = rx.try_recv() {
-            dispatch(schedulers, msg);
+            dispatch(workers, msg);
         }
         // Let sequences answered by their model's last step join the next one (bounded).
         loop {
             let now = Instant::now();
-            let deadline = schedulers
+            let deadline = workers
                 .iter()
+                .map(|w| &w.scheduler)
                 .filter(|s| s.has_work() && s.awaiting_any())
                 .map(Scheduler::wait_deadline)
                 .filter(|d| *d > now)
                 .min();
             let Some(deadline) = deadline else { break };
             match rx.recv_timeout(deadline - now) {
-                Ok(msg) => dispatch(schedulers, msg),
+                Ok(msg) => dispatch(workers, msg),
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
-        for s in schedulers.iter_mut() {
-            if s.has_work() {
-                s.step();
+        for w in workers.iter_mut() {
+            // Embeddings first: one batch for everything queued, then the generation step.
+            if w.embedder.has_work() {
+                w.embedder.run();
+            }
+            if w.scheduler.has_work() {
+                w.scheduler.step();
             }
         }
     }

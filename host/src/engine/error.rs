@@ -38,6 +38,9 @@ pub enum EngineError {
     #[error("context full: the sequence would hold {requested} tokens, the limit is {limit}")]
     ContextFull { requested: usize, limit: usize },
 
+    #[error("embedding input {index} has {tokens} tokens; this model embeds at most {limit} per input")]
+    EmbeddingInputTooLong { index: usize, tokens: usize, limit: usize },
+
     #[error("the KV cache of model {model} is full; retry later or with a shorter prompt")]
     KvCacheFull { model: String },
 

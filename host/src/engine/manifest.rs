@@ -68,9 +68,32 @@ pub struct ModelManifest {
     /// Longest wait, after a step, for sequences about to submit their next token.
     #[serde(default = "defaults::max_batch_wait_us")]
     pub max_batch_wait_us: u64,
+    /// How an embedding pools the hidden states of its input.
+    #[serde(default)]
+    pub embedding_pooling: Pooling,
+    /// Tokens of one embedding batch, which is also the longest input; default
+    /// `context_length`, at most 2048. Its context is created on the first embedding.
+    #[serde(default)]
+    pub embedding_batch: Option<usize>,
+    /// Inputs computed in one embedding batch.
+    #[serde(default = "defaults::embedding_max_inputs")]
+    pub embedding_max_inputs: usize,
     /// Where `models/fetch.py` gets the weights; the host ignores it.
     #[serde(default)]
     pub source: Option<toml::Table>,
+}
+
+/// How an embedding is pooled from the hidden states of its input's tokens.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The average over every token (what a generative model's embedding usually means).
+    #[default]
+    Mean,
+    /// The first token's (BERT-style models).
+    Cls,
+    /// The last token's.
+    Last,
 }
 
 mod defaults {
@@ -100,6 +123,9 @@ mod defaults {
     }
     pub fn max_batch_wait_us() -> u64 {
         5_000
+    }
+    pub fn embedding_max_inputs() -> usize {
+        16
     }
 }
 
@@ -137,6 +163,9 @@ impl ModelManifest {
             prefix_cache_min_tokens: defaults::prefix_cache_min_tokens(),
             min_shared_prefix: defaults::min_shared_prefix(),
             max_batch_wait_us: defaults::max_batch_wait_us(),
+            embedding_pooling: Pooling::default(),
+            embedding_batch: None,
+            embedding_max_inputs: defaults::embedding_max_inputs(),
             source: None,
         }
     }
@@ -181,7 +210,18 @@ impl ModelManifest {
         if self.max_sequences > 256 {
             return Err("max_sequences must be at most 256 (llama.cpp's limit)".into());
         }
+        if self.embedding_max_inputs == 0 || self.embedding_max_inputs > 256 {
+            return Err("embedding_max_inputs must be between 1 and 256 (llama.cpp's limit)".into());
+        }
+        if self.embedding_batch == Some(0) {
+            return Err("embedding_batch must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// Tokens of one embedding batch, and the longest input it takes.
+    pub fn embedding_tokens(&self) -> usize {
+        self.embedding_batch.unwrap_or(self.context_length.min(2048))
     }
 
     /// Opens allowed to wait for a sequence.

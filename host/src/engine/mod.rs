@@ -5,6 +5,7 @@
 
 mod backend;
 mod decode_thread;
+mod embedder;
 mod error;
 mod kv;
 mod manifest;
@@ -22,9 +23,9 @@ use std::time::Duration;
 pub use backend::{backend as backend_ref, supports_gpu_offload, CONTEXT_CREATION};
 pub use error::EngineError;
 pub use kv::context_params;
-pub use manifest::ModelManifest;
+pub use manifest::{ModelManifest, Pooling};
 pub use model::{EngineStats, Model, ModelInfo};
-pub use sequence::{Output, Sequence, Want};
+pub use sequence::{Output, PendingFeed, Sequence, Want};
 
 /// One batch the scheduler ran.
 #[derive(Clone, Debug)]

@@ -12,6 +12,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 use super::backend::backend;
 use super::decode_thread::{Link, ModelSetup};
+use super::embedder::EmbedJob;
 use super::scheduler::Command;
 use super::tokenizer::{Tokenizer, Vocab};
 use super::{EngineError, ModelManifest, Sequence, Want};
@@ -57,6 +58,8 @@ pub struct EngineStats {
     pub sequences_opened: AtomicU64,
     /// Sequences whose cells were taken away because a shared KV pool ran out.
     pub preemptions: AtomicU64,
+    /// Tokens computed for embeddings.
+    pub embedded_tokens: AtomicU64,
 }
 
 pub struct Model {
@@ -311,6 +314,32 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// One unit-length embedding per input (token ids), pooled as the manifest says. The
+    /// inputs compute in one batch with every other embedding waiting at the same time.
+    pub async fn embed(&self, inputs: Vec<Vec<i32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+        let limit = self.manifest.embedding_tokens();
+        let vocab = self.info.vocab_size;
+        for (index, input) in inputs.iter().enumerate() {
+            if input.is_empty() {
+                return Err(EngineError::InvalidArgument(format!("embedding input {index} has no tokens")));
+            }
+            if input.len() > limit {
+                return Err(EngineError::EmbeddingInputTooLong { index, tokens: input.len(), limit });
+            }
+            if let Some(&token) = input.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+                return Err(EngineError::InvalidToken { token, vocab });
+            }
+        }
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        if !self.link.embed(EmbedJob { inputs, reply }) {
+            return Err(self.stopped());
+        }
+        rx.await.map_err(|_| self.stopped())?
     }
 
     pub(crate) fn send(&self, cmd: Command) -> Result<(), EngineError> {

@@ -70,6 +70,14 @@ impl Sequence {
     /// Append `tokens` (a prompt chunk or one generated token) and get the output for the
     /// last position once the batch that computes it has run.
     pub async fn feed(&mut self, tokens: &[i32], want: Want) -> Result<Output, EngineError> {
+        let pending = self.submit(tokens, want)?;
+        self.complete(pending).await
+    }
+
+    /// The first half of [`Sequence::feed`]: queue the tokens for the next batch step and
+    /// return at once, so several sequences' feeds can join the same step. Until
+    /// [`Sequence::complete`] takes the answer, this sequence accepts no other feed.
+    pub fn submit(&mut self, tokens: &[i32], want: Want) -> Result<PendingFeed, EngineError> {
         if self.in_flight {
             return Err(EngineError::SequenceBroken);
         }
@@ -81,13 +89,28 @@ impl Sequence {
         let (reply, rx) = oneshot::channel();
         self.model.send(Command::Feed { seq: self.seq_id, tokens: tokens.to_vec(), want, reply })?;
         self.in_flight = true;
-        let out = rx.await.map_err(|_| self.model.stopped())?;
+        Ok(PendingFeed { seq: self.seq_id, tokens: tokens.len(), rx })
+    }
+
+    /// The second half of [`Sequence::feed`]: wait for a submitted feed's answer.
+    pub async fn complete(&mut self, pending: PendingFeed) -> Result<Output, EngineError> {
+        if pending.seq != self.seq_id {
+            return Err(EngineError::InvalidArgument("that feed was submitted on another sequence".into()));
+        }
+        let out = pending.rx.await.map_err(|_| self.model.stopped())?;
         self.in_flight = false;
         if out.is_ok() {
-            self.len += tokens.len();
+            self.len += pending.tokens;
         }
         out
     }
+}
+
+/// A feed submitted with [`Sequence::submit`], not yet completed.
+pub struct PendingFeed {
+    seq: i32,
+    tokens: usize,
+    rx: oneshot::Receiver<Result<Output, EngineError>>,
 }
 
 impl Drop for Sequence {
