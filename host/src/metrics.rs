@@ -238,7 +238,8 @@ impl Collector for EngineGauges {
             }
         }
         type Count = fn(&crate::engine::EngineStats) -> u64;
-        let counters: [(&str, &str, Count); 2] = [
+        let counters: [(&str, &str, Count); 3] = [
+            ("flywheel_embedding_tokens", "Input tokens computed for embeddings", |s| s.embedded_tokens.load(Relaxed)),
             ("flywheel_prefix_reused_tokens", "Prompt tokens taken from KV state another sequence computed", |s| {
                 s.reused_tokens.load(Relaxed)
             }),

@@ -93,6 +93,7 @@ fn models(state: &AppState) -> serde_json::Value {
                 "generated_tokens": s.decode_tokens.load(Ordering::Relaxed),
                 "prefill_tokens": s.prefill_tokens.load(Ordering::Relaxed),
                 "reused_prefix_tokens": s.reused_tokens.load(Ordering::Relaxed),
+                "embedding_tokens": s.embedded_tokens.load(Ordering::Relaxed),
             })
         })
         .collect();

@@ -7,6 +7,8 @@ wasmtime::component::bindgen!({
         // These wait on the engine (admission, a batch step); everything else is immediate.
         "wasi:nn/inference.[method]graph-execution-context.compute": async | trappable,
         "wasi:nn/graph.[method]graph.init-execution-context": async | trappable,
+        "flywheel:llm/batch.compute-many": async | trappable,
+        "flywheel:llm/batch.embed": async | trappable,
         default: trappable,
     },
     with: {

@@ -6,6 +6,7 @@
 //! misuse becomes a wasi-nn `error` with a code and a message; nothing a guest sends can
 //! panic the host.
 
+mod batch;
 mod bindings;
 mod llm;
 
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::engine::{Engine, EngineError, Model, Output, Sequence, Want};
+use crate::engine::{Engine, EngineError, Model, Output, PendingFeed, Sequence, Want};
 use bindings::wasi::nn::errors::ErrorCode;
 use bindings::wasi::nn::graph::{ExecutionTarget, GraphBuilder, GraphEncoding};
 use bindings::wasi::nn::inference::NamedTensor;
@@ -185,7 +186,7 @@ pub fn add_to_linker<T: Send + 'static>(linker: &mut Linker<T>, get: fn(&mut T) 
 fn engine_error(e: &EngineError) -> ErrorCode {
     match e {
         EngineError::UnknownModel(_) => ErrorCode::NotFound,
-        EngineError::ContextFull { .. } => ErrorCode::TooLarge,
+        EngineError::ContextFull { .. } | EngineError::EmbeddingInputTooLong { .. } => ErrorCode::TooLarge,
         EngineError::InvalidToken { .. } | EngineError::InvalidArgument(_) | EngineError::SequenceBroken => {
             ErrorCode::InvalidArgument
         }
@@ -290,6 +291,68 @@ impl NnView<'_> {
     }
 }
 
+impl NnView<'_> {
+    /// Parse a compute's inputs and queue them on the context's sequence, without waiting.
+    fn submit(
+        &mut self,
+        ctx: &Resource<ExecutionContext>,
+        inputs: Vec<NamedTensor>,
+    ) -> wasmtime::Result<Result<PendingFeed, Refusal>> {
+        let vocab = self.table.get(ctx)?.sequence.model().info().vocab_size;
+        let (ids, want) = match self.parse_inputs(inputs, vocab)? {
+            Ok(parsed) => parsed,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        if self.ctx.abandoned.load(Ordering::Relaxed) {
+            return Ok(Err((ErrorCode::RuntimeError, "the client went away; this request is abandoned".into())));
+        }
+        let submitted = self.table.get_mut(ctx)?.sequence.submit(&ids, want);
+        Ok(submitted.map_err(|e| (engine_error(&e), e.to_string())))
+    }
+
+    /// Wait for a submitted compute and hand its outputs to the guest as tensors.
+    async fn complete(
+        &mut self,
+        ctx: &Resource<ExecutionContext>,
+        pending: PendingFeed,
+    ) -> wasmtime::Result<Result<Vec<NamedTensor>, Resource<NnError>>> {
+        let out = match self.table.get_mut(ctx)?.sequence.complete(pending).await {
+            Ok(out) => out,
+            Err(e) => return Ok(Err(self.error(engine_error(&e), e.to_string())?)),
+        };
+        if !self.ctx.first_output_seen {
+            self.ctx.first_output_seen = true;
+            self.ctx.observer.first_output(&self.ctx.plugin, self.ctx.created.elapsed());
+        }
+        let tensors = match out {
+            Output::Logits(row) => {
+                vec![("logits", vec![row.len() as u32], TensorType::Fp32, le_bytes(&row, f32::to_le_bytes))]
+            }
+            Output::TopK { ids, logits, logprobs } => {
+                let mut t = vec![
+                    ("top_k_ids", vec![ids.len() as u32], TensorType::I32, le_bytes(&ids, i32::to_le_bytes)),
+                    ("top_k_logits", vec![logits.len() as u32], TensorType::Fp32, le_bytes(&logits, f32::to_le_bytes)),
+                ];
+                if let Some(lp) = logprobs {
+                    t.push((
+                        "top_k_logprobs",
+                        vec![lp.len() as u32],
+                        TensorType::Fp32,
+                        le_bytes(&lp, f32::to_le_bytes),
+                    ));
+                }
+                t
+            }
+        };
+        let mut named = Vec::with_capacity(tensors.len());
+        for (name, dims, ty, data) in tensors {
+            self.hold_tensor_bytes(data.len())?;
+            named.push((name.to_string(), self.table.push(TensorHandle { dims, ty, data })?));
+        }
+        Ok(Ok(named))
+    }
+}
+
 /// A rank-1 (or [1, n]) I32 tensor as integers.
 fn i32_vector(name: &str, t: &TensorHandle) -> Result<Vec<i32>, String> {
     if t.ty != TensorType::I32 {
@@ -379,50 +442,11 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         inputs: Vec<NamedTensor>,
     ) -> wasmtime::Result<Result<Vec<NamedTensor>, Resource<NnError>>> {
         self.ctx.note_call();
-        let vocab = self.table.get(&ctx)?.sequence.model().info().vocab_size;
-        let (ids, want) = match self.parse_inputs(inputs, vocab)? {
-            Ok(parsed) => parsed,
+        let pending = match self.submit(&ctx, inputs)? {
+            Ok(p) => p,
             Err((code, msg)) => return Ok(Err(self.error(code, msg)?)),
         };
-        if self.ctx.abandoned.load(Ordering::Relaxed) {
-            let msg = "the client went away; this request is abandoned";
-            return Ok(Err(self.error(ErrorCode::RuntimeError, msg)?));
-        }
-        let result = self.table.get_mut(&ctx)?.sequence.feed(&ids, want).await;
-        let out = match result {
-            Ok(out) => out,
-            Err(e) => return Ok(Err(self.error(engine_error(&e), e.to_string())?)),
-        };
-        if !self.ctx.first_output_seen {
-            self.ctx.first_output_seen = true;
-            self.ctx.observer.first_output(&self.ctx.plugin, self.ctx.created.elapsed());
-        }
-        let tensors = match out {
-            Output::Logits(row) => {
-                vec![("logits", vec![row.len() as u32], TensorType::Fp32, le_bytes(&row, f32::to_le_bytes))]
-            }
-            Output::TopK { ids, logits, logprobs } => {
-                let mut t = vec![
-                    ("top_k_ids", vec![ids.len() as u32], TensorType::I32, le_bytes(&ids, i32::to_le_bytes)),
-                    ("top_k_logits", vec![logits.len() as u32], TensorType::Fp32, le_bytes(&logits, f32::to_le_bytes)),
-                ];
-                if let Some(lp) = logprobs {
-                    t.push((
-                        "top_k_logprobs",
-                        vec![lp.len() as u32],
-                        TensorType::Fp32,
-                        le_bytes(&lp, f32::to_le_bytes),
-                    ));
-                }
-                t
-            }
-        };
-        let mut named = Vec::with_capacity(tensors.len());
-        for (name, dims, ty, data) in tensors {
-            self.hold_tensor_bytes(data.len())?;
-            named.push((name.to_string(), self.table.push(TensorHandle { dims, ty, data })?));
-        }
-        Ok(Ok(named))
+        self.complete(&ctx, pending).await
     }
 
     fn drop(&mut self, ctx: Resource<ExecutionContext>) -> wasmtime::Result<()> {
