@@ -2,7 +2,7 @@
 
 use crate::constraint::{Constraint, Vocab};
 use crate::logprobs::{self, TokenLogprob};
-use crate::model::{Model, Session, Want};
+use crate::model::{Candidates, Model, Session, Want};
 use crate::sampling::Sampler;
 use crate::text::TextDecoder;
 use crate::Error;
@@ -62,6 +62,15 @@ impl GenerateOptions {
         self.constraint = Some(Box::new(c));
         self
     }
+}
+
+/// What one step of a generation made safe to show.
+pub(crate) enum Piece {
+    Text(String),
+    /// Nothing yet (held back as a possible start of a stop sequence, or part of a character).
+    Nothing,
+    /// The generation has ended and all its text was returned.
+    Ended,
 }
 
 /// A running generation. Pull text with [`Generation::next_text`] (or tokens with
@@ -185,6 +194,14 @@ impl<'m> Generation<'m> {
     /// Samples and records the next token. Its bytes are only looked up where a constraint
     /// needs them: text comes from the decoder, so an unconstrained step makes no extra call.
     fn step(&mut self) -> Result<Option<i32>, Error> {
+        let Some(want) = self.prepare()? else { return Ok(None) };
+        let candidates = self.session.feed(&self.next_input, &want)?;
+        self.accept(&candidates)
+    }
+
+    /// What the next feed asks the host for; `None` when generation has ended (nothing is
+    /// fed then).
+    pub(crate) fn prepare(&mut self) -> Result<Option<Want>, Error> {
         if self.finished.is_some() {
             return Ok(None);
         }
@@ -203,17 +220,26 @@ impl<'m> Generation<'m> {
             *logprobs = true;
             *k = (*k).max(n as u32);
         }
-        let candidates = self.session.feed(&self.next_input, &want)?;
+        Ok(Some(want))
+    }
+
+    /// The session and the tokens its next feed carries (after [`Generation::prepare`]).
+    pub(crate) fn feed_parts(&mut self) -> (&mut Session, &[i32]) {
+        (&mut self.session, &self.next_input)
+    }
+
+    /// Sample from what the feed returned and record the token (`None`: generation ended).
+    pub(crate) fn accept(&mut self, candidates: &Candidates) -> Result<Option<i32>, Error> {
         let token = self
             .sampler
-            .sample(&candidates, &self.generated)
+            .sample(candidates, &self.generated)
             .ok_or_else(|| Error::Protocol("the host returned no candidates".into()))?;
         if self.options.stop_at_end_of_generation && self.model.is_end_of_generation(token) {
             self.finish(FinishReason::Stop);
             return Ok(None);
         }
         if let Some(n) = self.options.logprobs {
-            let entry = logprobs::of(&candidates, token, n)
+            let entry = logprobs::of(candidates, token, n)
                 .ok_or_else(|| Error::Protocol("the host returned no log-probability for the sampled token".into()))?;
             self.logprobs.push(entry);
         }
@@ -244,27 +270,35 @@ impl<'m> Generation<'m> {
     /// The next piece of text safe to show: whole UTF-8 characters, never part of a stop
     /// sequence. `None` once everything has been returned.
     pub fn next_text(&mut self) -> Result<Option<String>, Error> {
-        let model = self.model;
-        let decode = |ids: &[i32]| model.detokenize(ids);
         loop {
-            if let Some(token) = self.step()? {
-                let piece = self.text.push(token, decode)?;
-                self.held.push_str(&piece);
-            }
-            let ended = self.finished.is_some();
-            if ended && !self.flushed {
-                self.flushed = true;
-                let rest = self.text.finish(decode)?;
-                self.held.push_str(&rest);
-                self.held.push_str(&std::mem::take(&mut self.closing));
-            }
-            if let Some(text) = self.take_safe_text(ended) {
-                return Ok(Some(text));
-            }
-            if ended {
-                return Ok(None);
+            let token = self.step()?;
+            match self.text_after(token)? {
+                Piece::Text(text) => return Ok(Some(text)),
+                Piece::Ended => return Ok(None),
+                Piece::Nothing => {}
             }
         }
+    }
+
+    /// The text a step made safe to show, after it produced `token` (or ended).
+    pub(crate) fn text_after(&mut self, token: Option<i32>) -> Result<Piece, Error> {
+        let model = self.model;
+        let decode = |ids: &[i32]| model.detokenize(ids);
+        if let Some(token) = token {
+            let piece = self.text.push(token, decode)?;
+            self.held.push_str(&piece);
+        }
+        let ended = self.finished.is_some();
+        if ended && !self.flushed {
+            self.flushed = true;
+            let rest = self.text.finish(decode)?;
+            self.held.push_str(&rest);
+            self.held.push_str(&std::mem::take(&mut self.closing));
+        }
+        if let Some(text) = self.take_safe_text(ended) {
+            return Ok(Piece::Text(text));
+        }
+        Ok(if ended { Piece::Ended } else { Piece::Nothing })
     }
 
     /// Text from `held` that cannot be the start of a stop sequence.

@@ -34,6 +34,7 @@
 //! export_plugin!(Hello);
 //! ```
 
+mod choices;
 mod constraint;
 mod error;
 mod generate;
@@ -54,12 +55,13 @@ pub mod bindings {
     });
 }
 
+pub use choices::Choices;
 pub use constraint::{Constraint, JsonConstraint, SchemaConstraint, SchemaError, Vocab};
 pub use error::{Error, HttpError};
 pub use generate::{FinishReason, GenerateOptions, Generation};
 pub use http::{from_json_value, serve, Handler, Request, Responder, SseStream};
 pub use logprobs::TokenLogprob;
-pub use model::{Candidates, ChatMessage, Model, ModelInfo, Session, Want};
+pub use model::{feed_together, Candidates, ChatMessage, Model, ModelInfo, Session, Want};
 pub use params::{max_tokens, SamplingParams, Stop};
 pub use sampling::Sampler;
 pub use text::TextDecoder;

@@ -1,9 +1,11 @@
 //! Models and sessions: `wasi:nn` graphs and execution contexts, plus `flywheel:llm`.
 
+use crate::bindings::flywheel::llm::batch;
 use crate::bindings::flywheel::llm::model as llm;
 use crate::bindings::wasi::nn::graph::{load_by_name, Graph};
 use crate::bindings::wasi::nn::inference::GraphExecutionContext;
 use crate::bindings::wasi::nn::tensor::{Tensor, TensorType};
+use crate::choices::Choices;
 use crate::generate::{GenerateOptions, Generation};
 use crate::sampling::Sampler;
 use crate::Error;
@@ -128,6 +130,12 @@ impl Model {
         Ok(Session { ctx, vocab: self.info.vocab_size as usize, len: 0 })
     }
 
+    /// One unit-length embedding per input (token ids), pooled as the host's model manifest
+    /// says (mean by default). Inputs compute in one batch on the host.
+    pub fn embed(&self, inputs: &[Vec<i32>]) -> Result<Vec<Vec<f32>>, Error> {
+        Ok(batch::embed(&self.graph, inputs)?)
+    }
+
     /// Start generating after `prompt`.
     pub fn generate(
         &self,
@@ -136,6 +144,16 @@ impl Model {
         options: GenerateOptions,
     ) -> Result<Generation<'_>, Error> {
         Generation::new(self, prompt, sampler, options)
+    }
+
+    /// Start one generation per `(sampler, options)` after `prompt`, to advance together
+    /// ([`Choices`]): `n` choices for one prompt. Each holds an execution context.
+    pub fn generate_many(
+        &self,
+        prompt: &[i32],
+        choices: Vec<(Sampler, GenerateOptions)>,
+    ) -> Result<Choices<'_>, Error> {
+        Choices::new(self, prompt, choices)
     }
 }
 
@@ -174,18 +192,13 @@ impl Session {
 
     /// Append tokens and get the next-token distribution after the last one.
     pub fn feed(&mut self, tokens: &[i32], want: &Want) -> Result<Candidates, Error> {
-        let mut inputs = vec![("input_ids".to_string(), i32_tensor(tokens))];
-        if let Want::TopK { k, allowed, logprobs } = want {
-            inputs.push(("top_k".to_string(), i32_tensor(&[*k as i32])));
-            if let Some(allowed) = allowed {
-                inputs.push(("allowed_ids".to_string(), i32_tensor(allowed)));
-            }
-            if *logprobs {
-                inputs.push(("logprobs".to_string(), i32_tensor(&[1])));
-            }
-        }
-        let outputs = self.ctx.compute(inputs)?;
-        self.len += tokens.len();
+        let outputs = self.ctx.compute(inputs(tokens, want))?;
+        self.read(tokens.len(), want, &outputs)
+    }
+
+    /// What a compute returned, as candidates; counts the fed tokens.
+    fn read(&mut self, fed: usize, want: &Want, outputs: &[(String, Tensor)]) -> Result<Candidates, Error> {
+        self.len += fed;
         let find = |name: &str| outputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
         match want {
             Want::TopK { logprobs, .. } => {
@@ -212,4 +225,38 @@ impl Session {
             }
         }
     }
+}
+
+/// The compute inputs of a feed.
+fn inputs(tokens: &[i32], want: &Want) -> Vec<(String, Tensor)> {
+    let mut inputs = vec![("input_ids".to_string(), i32_tensor(tokens))];
+    if let Want::TopK { k, allowed, logprobs } = want {
+        inputs.push(("top_k".to_string(), i32_tensor(&[*k as i32])));
+        if let Some(allowed) = allowed {
+            inputs.push(("allowed_ids".to_string(), i32_tensor(allowed)));
+        }
+        if *logprobs {
+            inputs.push(("logprobs".to_string(), i32_tensor(&[1])));
+        }
+    }
+    inputs
+}
+
+/// Feed several sessions at once: the host decodes them in the same batch step, where
+/// feeding them one after another would take a step each. Results come in order; the
+/// first failure fails the call.
+pub fn feed_together(feeds: &mut [(&mut Session, &[i32], &Want)]) -> Result<Vec<Candidates>, Error> {
+    let requests: Vec<(&GraphExecutionContext, Vec<(String, Tensor)>)> =
+        feeds.iter().map(|(session, tokens, want)| (&session.ctx, inputs(tokens, want))).collect();
+    let results = batch::compute_many(&requests);
+    drop(requests);
+    if results.len() != feeds.len() {
+        return Err(Error::Protocol(format!("{} results for {} feeds", results.len(), feeds.len())));
+    }
+    let mut out = Vec::with_capacity(feeds.len());
+    for ((session, tokens, want), result) in feeds.iter_mut().zip(results) {
+        let outputs = result?;
+        out.push(session.read(tokens.len(), want, &outputs)?);
+    }
+    Ok(out)
 }
