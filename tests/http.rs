@@ -12,7 +12,8 @@ use http_body_util::{BodyExt, Full};
 use support::server::{plugin, read_events, start, TestServer};
 use support::*;
 
-const OPENAI: &str = "routes = [\"/v1/\"]\n";
+/// As `examples/openai/openai.toml` sets it up: up to 4 choices (`n`) per request.
+const OPENAI: &str = "routes = [\"/v1/\"]\nmax_contexts = 4\n[config]\nOPENAI_MAX_N = \"4\"\n";
 
 async fn openai_server(configure: impl FnOnce(&mut flywheel::config::Config)) -> TestServer {
     start(
@@ -67,6 +68,7 @@ async fn every_field_of_the_openai_clients_requests_is_honoured_or_refused() {
     // Both endpoints were walked, field by field.
     assert!(report["checked"]["chat"].as_object().unwrap().len() > 40, "{report}");
     assert!(report["checked"]["completions"].as_object().unwrap().len() > 20, "{report}");
+    assert_eq!(report["checked"]["embeddings"].as_object().unwrap().len(), 6, "{report}");
     s.shutdown().await;
 }
 
@@ -158,7 +160,7 @@ async fn openai_endpoints_speak_openais_format() {
     for (body, status, param) in [
         (r#"{"model": "tiny", "prompt": "x", "max_tokens": -1}"#, 400, "max_tokens"),
         (r#"{"model": "tiny", "prompt": "x", "max_tokens": 99999999}"#, 400, "max_tokens"),
-        (r#"{"model": "tiny", "prompt": "x", "n": 3}"#, 400, "n"),
+        (r#"{"model": "tiny", "prompt": "x", "n": 5}"#, 400, "n"),
         (r#"{"model": "ghost", "prompt": "x"}"#, 404, "model"),
     ] {
         let r = s.post("/v1/completions", body).await;

@@ -18,6 +18,7 @@ import jsonschema
 import openai
 from openai import OpenAI
 from openai.types import completion_create_params as completion_types
+from openai.types import embedding_create_params as embedding_types
 from openai.types.chat import completion_create_params as chat_types
 
 base_url, model = sys.argv[1], sys.argv[2]
@@ -168,9 +169,39 @@ def check_logit_bias(ep):
     refused(ep, "logit_bias", {"not-a-token": 1})
 
 
+def choice_texts(ep, chunks_or_response, n, stream):
+    """Each choice's text by index, from a response or a stream of chunks."""
+    texts = [""] * n
+    if not stream:
+        for c in chunks_or_response.choices:
+            texts[c.index] = c.message.content if ep == "chat" else c.text
+        return texts
+    for chunk in chunks_or_response:
+        for c in chunk.choices:
+            texts[c.index] += (c.delta.content or "") if ep == "chat" else c.text
+    return texts
+
+
 def check_n(ep):
-    greedy(ep, n=1)
-    refused(ep, "n", 2)
+    one = greedy(ep, n=1)
+    _, r = call(ep, n=3)
+    expect(sorted(c.index for c in r.choices) == [0, 1, 2], f"n=3 gave choices {[c.index for c in r.choices]}")
+    expect(choice_texts(ep, r, 3, False) == [one] * 3, "greedy choices differ from the n=1 answer")
+    expect(r.usage.completion_tokens == 3 * 16, f"n=3 counted {r.usage.completion_tokens} completion tokens")
+    # Sampled choices: seeded (choice i with seed + i), so a repeat gives the same three.
+    hot = dict(n=3, temperature=1.5, seed=11)
+    _, a = call(ep, **hot)
+    _, b = call(ep, **hot)
+    texts = choice_texts(ep, a, 3, False)
+    expect(texts == choice_texts(ep, b, 3, False), "seeded choices are not reproducible")
+    expect(len(set(texts)) > 1, f"sampled choices are all the same: {texts}")
+    _, chunks = call(ep, **hot, stream=True, stream_options={"include_usage": True})
+    expect(choice_texts(ep, chunks, 3, True) == texts, "streamed choices differ from the whole answer")
+    finished = [c.index for chunk in chunks for c in chunk.choices if c.finish_reason]
+    expect(sorted(finished) == [0, 1, 2], f"finish reasons streamed for {finished}")
+    expect(chunks[-1].usage.completion_tokens == 3 * 16, "streamed usage does not count every choice")
+    refused(ep, "n", 0)
+    refused(ep, "n", 99)
 
 
 def check_identifier(field):
@@ -492,7 +523,89 @@ def walk(name, table, params):
         failures.append(f"{name}: fields sent as null were refused: {e}")
 
 
+# ---- embeddings ------------------------------------------------------------------------------
+
+
+def embed(**kw):
+    kw.setdefault("model", model)
+    return client.embeddings.create(**kw)
+
+
+def close(a, b, tolerance=1e-4):
+    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < tolerance
+
+
+def refused_embedding(field, value, **kw):
+    if field != "input":
+        kw.setdefault("input", PROMPT)
+    try:
+        embed(**kw, **({"extra_body": {field: value}} if field == "foo" else {field: value}))
+    except openai.BadRequestError as e:
+        expect(e.param == field, f"embeddings {field}={value!r} was refused naming {e.param!r}")
+        return
+    raise AssertionError(f"embeddings {field}={value!r} was accepted")
+
+
+def check_embedding_input():
+    # The client asks for base64 by default and decodes it; float is asked for explicitly.
+    single = embed(input=PROMPT).data[0].embedding
+    expect(abs(sum(x * x for x in single) - 1) < 1e-3, "an embedding is not of unit length")
+    batch = embed(input=[PROMPT, "the end", PROMPT], encoding_format="float")
+    expect([d.index for d in batch.data] == [0, 1, 2], "embeddings are not indexed in order")
+    a, b, c = (d.embedding for d in batch.data)
+    expect(close(a, c) and close(a, single), "the same text embeds differently in a batch or alone")
+    expect(not close(a, b, 1e-3), "two different texts have the same embedding")
+    expect(batch.usage.prompt_tokens > 0 and batch.usage.total_tokens == batch.usage.prompt_tokens, "usage")
+    expect(close(embed(input=[[1, 2, 3]]).data[0].embedding, embed(input=[1, 2, 3]).data[0].embedding),
+           "token-list inputs disagree")
+    refused_embedding("input", "")
+    refused_embedding("input", [])
+
+
+def check_encoding_format():
+    import base64
+    import struct
+    raw = client.embeddings.with_raw_response.create(model=model, input=PROMPT, encoding_format="base64")
+    encoded = json.loads(raw.text)["data"][0]["embedding"]
+    expect(isinstance(encoded, str), "base64 was not a string")
+    data = base64.b64decode(encoded)
+    decoded = list(struct.unpack(f"<{len(data) // 4}f", data))
+    expect(close(decoded, embed(input=PROMPT, encoding_format="float").data[0].embedding), "base64 != float")
+    refused_embedding("encoding_format", "hex")
+
+
+def check_dimensions():
+    size = len(embed(input=PROMPT).data[0].embedding)
+    expect(len(embed(input=PROMPT, dimensions=size).data[0].embedding) == size, "native dimensions refused")
+    refused_embedding("dimensions", size - 1)
+
+
+EMBEDDINGS = {
+    "input": check_embedding_input,
+    "model": lambda: expect(embed(input=PROMPT).model == model, "the model is not named"),
+    "encoding_format": check_encoding_format,
+    "dimensions": check_dimensions,
+    "user": lambda: embed(input=PROMPT, user="caller-1"),
+    "foo": lambda: refused_embedding("foo", 1),
+}
+
+
+def walk_embeddings():
+    checked["embeddings"] = {}
+    unclassified = set(typing.get_type_hints(embedding_types.EmbeddingCreateParams)) - set(EMBEDDINGS)
+    if unclassified:
+        failures.append(f"embeddings: fields the client defines but the walk does not classify: {sorted(unclassified)}")
+    for field, check in EMBEDDINGS.items():
+        try:
+            check()
+            checked["embeddings"][field] = "ok"
+        except Exception as e:  # noqa: BLE001
+            checked["embeddings"][field] = "failed"
+            failures.append(f"embeddings.{field}: {type(e).__name__}: {e}")
+
+
 walk("chat", CHAT, chat_types)
 walk("completions", COMPLETIONS, completion_types)
+walk_embeddings()
 print(json.dumps({"openai_version": openai.__version__, "checked": checked, "failures": failures}, indent=1))
 sys.exit(1 if failures else 0)

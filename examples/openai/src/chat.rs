@@ -1,9 +1,7 @@
 //! `POST /v1/chat/completions`: messages through the model's chat template, plain or
 //! constrained (`response_format`, tool calls), streamed or whole.
 
-use flywheel_guest::{
-    ChatMessage, Constraint, GenerateOptions, HttpError, JsonConstraint, Request, Responder, SchemaConstraint,
-};
+use flywheel_guest::{ChatMessage, Constraint, HttpError, JsonConstraint, Request, Responder, SchemaConstraint};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -188,16 +186,32 @@ pub fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
             .with_param("stop"));
     }
     let alternatives = logprobs::chat_request(body.logprobs, body.top_logprobs)?;
-    let mut p = prepare(&common)?;
+    let p = prepare(&common)?;
     let tokens = p.model.chat_prompt(&messages)?;
-    let mut options = std::mem::replace(&mut p.options, GenerateOptions::max_tokens(0));
+    let id = random_id("chatcmpl");
+    let created = now();
+    if p.n() > 1 {
+        if calling.is_some() {
+            return Err(HttpError::bad_request(
+                "n > 1 cannot be combined with tool calls; send n: 1 or tool_choice: none",
+            )
+            .with_param("n"));
+        }
+        let mut choices = Vec::with_capacity(p.n());
+        for _ in 0..p.n() {
+            let mut options = p.options();
+            // Each choice needs a constraint of its own (it tracks that choice's output).
+            options.constraint = output_constraint(body.response_format.as_ref())?;
+            choices.push((options, alternatives));
+        }
+        return crate::choices::chat(res, &common, &p, &tokens, choices, &id, created);
+    }
+    let mut options = p.options();
     options.constraint = constraint;
     options.logprobs = alternatives;
     let model = &p.model;
     let mut generation =
         model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "messages"))?;
-    let id = random_id("chatcmpl");
-    let created = now();
     let name = p.name.clone();
     let chunk = |delta: Value, logprobs: Value, reason: Option<&str>| {
         json!({

@@ -9,6 +9,8 @@
 //! Every other field is refused with a 400 naming it (see `fields`), never dropped.
 
 mod chat;
+mod choices;
+mod embeddings;
 mod fields;
 mod logprobs;
 mod tools;
@@ -43,7 +45,8 @@ impl Handler for OpenAi {
             }
             ("POST", "/v1/completions") => completions(&req, res),
             ("POST", "/v1/chat/completions") => chat::completions(&req, res),
-            (_, "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
+            ("POST", "/v1/embeddings") => embeddings::create(&req, res),
+            (_, "/v1/models" | "/v1/completions" | "/v1/chat/completions" | "/v1/embeddings") => {
                 Err(HttpError::new(405, "invalid_request_error", format!("{} is not allowed on {path}", req.method)))
             }
             _ => Err(HttpError::not_found(format!("unknown endpoint {path}"))),
@@ -118,14 +121,50 @@ fn read_body<T: DeserializeOwned>(req: &Request, endpoint: Endpoint) -> Result<(
 struct Prepared {
     model: Model,
     name: String,
-    options: GenerateOptions,
+    limit: usize,
+    stops: Vec<String>,
+    stop_at_end_of_generation: bool,
     sampler: flywheel_guest::Sampler,
+    /// Choices asked for (`n`), one sampler each.
+    samplers: Vec<flywheel_guest::Sampler>,
+}
+
+impl Prepared {
+    /// Generation options of one choice (each choice needs its own).
+    fn options(&self) -> GenerateOptions {
+        let mut options = GenerateOptions::max_tokens(self.limit);
+        options.stop_at_end_of_generation = self.stop_at_end_of_generation;
+        for s in &self.stops {
+            options = options.stop(s.clone());
+        }
+        options
+    }
+
+    fn n(&self) -> usize {
+        self.samplers.len()
+    }
+}
+
+/// Most choices one request may ask for: the plugin manifest's `OPENAI_MAX_N` (each choice
+/// holds one of the instance's execution contexts, so it must not exceed `max_contexts`).
+fn max_choices() -> i64 {
+    std::env::var("OPENAI_MAX_N").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(1)
+}
+
+fn choice_count(n: Option<i64>) -> Result<usize, HttpError> {
+    let max = max_choices();
+    match n {
+        None => Ok(1),
+        Some(n) if (1..=max).contains(&n) => Ok(n as usize),
+        Some(n) => {
+            Err(HttpError::bad_request(format!("n must be between 1 and {max} on this server, got {n}"))
+                .with_param("n"))
+        }
+    }
 }
 
 fn prepare(common: &Common) -> Result<Prepared, HttpError> {
-    if common.n.is_some_and(|n| n != 1) {
-        return Err(HttpError::bad_request("only n = 1 is supported").with_param("n"));
-    }
+    let n = choice_count(common.n)?;
     let available = Model::available();
     let name = match &common.model {
         Some(m) if available.contains(m) => m.clone(),
@@ -145,12 +184,16 @@ fn prepare(common: &Common) -> Result<Prepared, HttpError> {
         (None, n) => max_tokens(n, 256, info.context_length)?,
     };
     let sampler = common.sampling.sampler(1.0, info.vocab_size)?;
-    let mut options = GenerateOptions::max_tokens(limit);
-    options.stop_at_end_of_generation = common.ignore_eos != Some(true);
-    for s in common.stop.clone().map(Stop::into_vec).transpose()?.unwrap_or_default() {
-        options = options.stop(s);
+    // With a seed, choice i samples with seed + i: reproducible, and not n copies of one answer.
+    let mut samplers = Vec::with_capacity(n);
+    for i in 0..n as u64 {
+        let mut params = common.sampling.clone();
+        params.seed = params.seed.map(|s| s.wrapping_add(i));
+        samplers.push(params.sampler(1.0, info.vocab_size)?);
     }
-    Ok(Prepared { model, name, options, sampler })
+    let stops = common.stop.clone().map(Stop::into_vec).transpose()?.unwrap_or_default();
+    let stop_at_end_of_generation = common.ignore_eos != Some(true);
+    Ok(Prepared { model, name, limit, stops, stop_at_end_of_generation, sampler, samplers })
 }
 
 fn usage(g: &Generation) -> Value {
@@ -186,7 +229,7 @@ fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
     let (body, common): (CompletionRequest, Common) = read_body(req, Endpoint::Completions)?;
     let echo = body.echo == Some(true);
     let alternatives = logprobs::completion_request(body.logprobs, echo)?;
-    let mut p = prepare(&common)?;
+    let p = prepare(&common)?;
     let (prompt_text, tokens) = match &body.prompt {
         Prompt::Text(t) => (t.clone(), p.model.tokenize(t)?),
         Prompt::Texts(v) if v.len() == 1 => (v[0].clone(), p.model.tokenize(&v[0])?),
@@ -198,7 +241,12 @@ fn completions(req: &Request, res: Responder) -> Result<(), HttpError> {
     let id = random_id("cmpl");
     let created = now();
     let name = p.name.clone();
-    let mut options = std::mem::replace(&mut p.options, GenerateOptions::max_tokens(0));
+    if p.n() > 1 {
+        let choices = (0..p.n()).map(|_| (p.options(), alternatives)).collect();
+        let echoed = echo.then_some(prompt_text.as_str());
+        return choices::completions(res, &common, &p, &tokens, choices, echoed, &id, created);
+    }
+    let mut options = p.options();
     options.logprobs = alternatives;
     let model = &p.model;
     let mut generation = model.generate(&tokens, p.sampler.clone(), options).map_err(|e| prompt_error(e, "prompt"))?;
