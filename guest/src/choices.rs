@@ -12,6 +12,8 @@ use crate::Error;
 pub struct Choices<'m> {
     generations: Vec<Generation<'m>>,
     ended: Vec<bool>,
+    /// Choices that ended (all their text shown) since the last [`Choices::take_ended`].
+    newly_ended: Vec<usize>,
 }
 
 impl<'m> Choices<'m> {
@@ -25,7 +27,7 @@ impl<'m> Choices<'m> {
             .map(|(sampler, options)| Generation::new(model, prompt, sampler, options))
             .collect::<Result<Vec<_>, _>>()?;
         let ended = vec![false; generations.len()];
-        Ok(Self { generations, ended })
+        Ok(Self { generations, ended, newly_ended: Vec::new() })
     }
 
     pub fn len(&self) -> usize {
@@ -43,6 +45,14 @@ impl<'m> Choices<'m> {
 
     pub fn iter(&self) -> impl Iterator<Item = &Generation<'m>> {
         self.generations.iter()
+    }
+
+    /// The choices that have ended since the last call, once their last text was returned
+    /// (for a stream's per-choice `finish_reason`).
+    pub fn take_ended(&mut self) -> Vec<usize> {
+        let mut ended = std::mem::take(&mut self.newly_ended);
+        ended.sort_unstable();
+        ended
     }
 
     /// One round: every running choice takes a step, all in one batch. Returns the text each
@@ -85,7 +95,10 @@ impl<'m> Choices<'m> {
             match self.generations[i].text_after(tokens[i])? {
                 Piece::Text(text) => pieces.push((i, text)),
                 Piece::Nothing => {}
-                Piece::Ended => self.ended[i] = true,
+                Piece::Ended => {
+                    self.ended[i] = true;
+                    self.newly_ended.push(i);
+                }
             }
         }
         pieces.sort_by_key(|(i, _)| *i);

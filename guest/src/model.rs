@@ -253,10 +253,19 @@ pub fn feed_together(feeds: &mut [(&mut Session, &[i32], &Want)]) -> Result<Vec<
     if results.len() != feeds.len() {
         return Err(Error::Protocol(format!("{} results for {} feeds", results.len(), feeds.len())));
     }
+    // Every session that advanced counts its tokens, even when another's feed failed.
     let mut out = Vec::with_capacity(feeds.len());
+    let mut first_error = None;
     for ((session, tokens, want), result) in feeds.iter_mut().zip(results) {
-        let outputs = result?;
-        out.push(session.read(tokens.len(), want, &outputs)?);
+        match result.map_err(Error::from).and_then(|outputs| session.read(tokens.len(), want, &outputs)) {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(out)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }

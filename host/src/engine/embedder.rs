@@ -3,8 +3,11 @@
 //! Generation keeps its context and KV layout; embeddings need llama.cpp's `embeddings`
 //! mode and a pooling type, which apply to a whole context. So each model gets a second,
 //! small context (created on the first embedding, so models nobody embeds with pay
-//! nothing), whose KV cells are cleared before every batch. Every job waiting when the
-//! decode thread gets to it is packed into as few batches as fit.
+//! nothing), whose KV cells are cleared before every batch. Waiting jobs are packed, oldest
+//! first, into batches that fit; the decode thread runs one batch between generation steps.
+//!
+//! With embeddings on, llama.cpp makes every token an output and reserves a logits row for
+//! each (vocabulary x `embedding_batch` floats), which is why the default batch is small.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -33,11 +36,11 @@ pub(crate) struct EmbedJob {
     pub reply: oneshot::Sender<Result<Embeddings, EngineError>>,
 }
 
-/// A job being computed: its results fill in as its inputs' batches run.
+/// A job being computed: its first `done` inputs' embeddings are in `out`.
 struct Running {
     job: EmbedJob,
-    out: Vec<Option<Vec<f32>>>,
-    failed: Option<EngineError>,
+    done: usize,
+    out: Embeddings,
 }
 
 pub(crate) struct Embedder<'m> {
@@ -48,6 +51,8 @@ pub(crate) struct Embedder<'m> {
     n_inputs: usize,
     ctx: Option<LlamaContext<'m>>,
     queue: VecDeque<EmbedJob>,
+    /// Jobs with inputs left to compute, oldest first.
+    running: Vec<Running>,
     stats: Arc<EngineStats>,
 }
 
@@ -82,76 +87,83 @@ impl<'m> Embedder<'m> {
             n_inputs: m.embedding_max_inputs,
             ctx: None,
             queue: VecDeque::new(),
+            running: Vec::new(),
             stats,
         }
     }
 
     pub(crate) fn has_work(&self) -> bool {
-        !self.queue.is_empty()
+        !self.queue.is_empty() || !self.running.is_empty()
     }
 
     pub(crate) fn push(&mut self, job: EmbedJob) {
         self.queue.push_back(job);
     }
 
-    /// Compute every queued job.
+    /// Compute one batch of the waiting inputs, oldest job first, and answer every job it
+    /// completes. One batch per turn of the decode loop, so a large request never holds
+    /// generation back for longer than one batch takes.
     pub(crate) fn run(&mut self) {
-        let mut running: Vec<Running> = self
-            .queue
-            .drain(..)
-            // A caller that gave up costs nothing.
-            .filter(|j| !j.reply.is_closed())
-            .map(|job| Running { out: vec![None; job.inputs.len()], job, failed: None })
-            .collect();
-        if running.is_empty() {
+        self.running.extend(self.queue.drain(..).map(|job| Running { done: 0, out: Vec::new(), job }));
+        // A caller that gave up costs nothing more.
+        self.running.retain(|r| !r.job.reply.is_closed());
+        if self.running.is_empty() {
             return;
         }
         if let Err(e) = self.ensure_context() {
-            for r in running {
+            for r in self.running.drain(..) {
                 let _ = r.job.reply.send(Err(clone_error(&e)));
             }
             return;
         }
-        // Pack (job, input) pairs in arrival order into batches that fit the context.
-        let mut pending: VecDeque<(usize, usize)> =
-            running.iter().enumerate().flat_map(|(j, r)| (0..r.job.inputs.len()).map(move |i| (j, i))).collect();
-        while !pending.is_empty() {
-            let mut batch = Vec::new();
-            let mut tokens = 0;
-            while let Some(&(j, i)) = pending.front() {
-                let len = running[j].job.inputs[i].len();
+        // (job, input) pairs in arrival order, as many as fit the context.
+        let mut batch = Vec::new();
+        let mut tokens = 0;
+        'pack: for (j, r) in self.running.iter().enumerate() {
+            for i in r.done..r.job.inputs.len() {
+                let len = r.job.inputs[i].len();
                 if batch.len() == self.n_inputs || (tokens + len > self.n_tokens && !batch.is_empty()) {
-                    break;
+                    break 'pack;
                 }
                 tokens += len;
                 batch.push((j, i));
-                pending.pop_front();
-            }
-            let inputs: Vec<&[i32]> = batch.iter().map(|&(j, i)| running[j].job.inputs[i].as_slice()).collect();
-            match self.embed_batch(&inputs) {
-                Ok(vectors) => {
-                    for ((j, i), v) in batch.into_iter().zip(vectors) {
-                        running[j].out[i] = Some(v);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(model = %self.name, error = %e, inputs = inputs.len(), "embedding batch failed");
-                    for (j, _) in batch {
-                        running[j].failed.get_or_insert_with(|| clone_error(&e));
-                    }
-                }
             }
         }
-        for r in running {
-            let result = match r.failed {
-                Some(e) => Err(e),
-                None => r
-                    .out
-                    .into_iter()
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| EngineError::Decode("an embedding was not computed".into())),
-            };
-            let _ = r.job.reply.send(result);
+        let inputs: Vec<&[i32]> = batch.iter().map(|&(j, i)| self.running[j].job.inputs[i].as_slice()).collect();
+        let result = match self.ctx.as_mut() {
+            Some(ctx) => embed_batch(ctx, &self.stats, &inputs),
+            None => Err(EngineError::Decode("no embedding context".into())),
+        };
+        let jobs: Vec<usize> = {
+            let mut js: Vec<usize> = batch.iter().map(|&(j, _)| j).collect();
+            js.dedup();
+            js
+        };
+        match result {
+            Ok(vectors) => {
+                for ((j, _), v) in batch.into_iter().zip(vectors) {
+                    self.running[j].out.push(v);
+                    self.running[j].done += 1;
+                }
+            }
+            Err(e) => {
+                tracing::error!(model = %self.name, error = %e, inputs = batch.len(), "embedding batch failed");
+                // The jobs in this batch fail; the others go on.
+                for &j in jobs.iter().rev() {
+                    let r = self.running.remove(j);
+                    let _ = r.job.reply.send(Err(clone_error(&e)));
+                }
+                return;
+            }
+        }
+        let mut j = 0;
+        while j < self.running.len() {
+            if self.running[j].done == self.running[j].job.inputs.len() {
+                let r = self.running.remove(j);
+                let _ = r.job.reply.send(Ok(r.out));
+            } else {
+                j += 1;
+            }
         }
     }
 
@@ -169,38 +181,41 @@ impl<'m> Embedder<'m> {
         self.ctx = Some(ctx);
         Ok(())
     }
-
-    /// One decode of `inputs` (each its own sequence), pooled and normalized.
-    fn embed_batch(&mut self, inputs: &[&[i32]]) -> Result<Embeddings, EngineError> {
-        let ctx = self.ctx.as_mut().ok_or_else(|| EngineError::Decode("no embedding context".into()))?;
-        let total: usize = inputs.iter().map(|i| i.len()).sum();
-        let mut batch = LlamaBatch::new(total.max(1), 1);
-        for (seq, input) in inputs.iter().enumerate() {
-            for (pos, &t) in input.iter().enumerate() {
-                batch
-                    .add(LlamaToken(t), pos as i32, &[seq as i32], true)
-                    .map_err(|e| EngineError::Decode(e.to_string()))?;
-            }
-        }
-        // Cells of the last batch would be attended to as if they were this input's.
-        ctx.clear_kv_cache();
-        ctx.decode(&mut batch).map_err(|e| EngineError::Decode(e.to_string()))?;
-        let mut out = Vec::with_capacity(inputs.len());
-        for seq in 0..inputs.len() {
-            let pooled = ctx
-                .embeddings_seq_ith(seq as i32)
-                .map_err(|_| EngineError::Decode(format!("llama.cpp returned no pooled embedding for input {seq}")))?;
-            out.push(unit_length(pooled));
-        }
-        self.stats.embedded_tokens.fetch_add(total as u64, Ordering::Relaxed);
-        Ok(out)
-    }
 }
 
-/// `v` scaled to length 1 (as OpenAI's and llama-server's embeddings are); zero stays zero.
+/// One decode of `inputs` (each its own sequence), pooled and normalized.
+fn embed_batch(ctx: &mut LlamaContext<'_>, stats: &EngineStats, inputs: &[&[i32]]) -> Result<Embeddings, EngineError> {
+    let total: usize = inputs.iter().map(|i| i.len()).sum();
+    let mut batch = LlamaBatch::new(total.max(1), 1);
+    for (seq, input) in inputs.iter().enumerate() {
+        for (pos, &t) in input.iter().enumerate() {
+            batch
+                .add(LlamaToken(t), pos as i32, &[seq as i32], true)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+        }
+    }
+    // Cells of the last batch would be attended to as if they were this input's.
+    ctx.clear_kv_cache();
+    ctx.decode(&mut batch).map_err(|e| EngineError::Decode(e.to_string()))?;
+    let mut out = Vec::with_capacity(inputs.len());
+    for seq in 0..inputs.len() {
+        let pooled = ctx
+            .embeddings_seq_ith(seq as i32)
+            .map_err(|_| EngineError::Decode(format!("llama.cpp returned no pooled embedding for input {seq}")))?;
+        if pooled.iter().any(|x| !x.is_finite()) {
+            return Err(EngineError::Decode(format!("llama.cpp returned a non-finite embedding for input {seq}")));
+        }
+        out.push(unit_length(pooled));
+    }
+    stats.embedded_tokens.fetch_add(total as u64, Ordering::Relaxed);
+    Ok(out)
+}
+
+/// `v` (finite) scaled to length 1, as OpenAI's and llama-server's embeddings are; zero
+/// stays zero.
 fn unit_length(v: &[f32]) -> Vec<f32> {
     let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
-    if norm == 0.0 || !norm.is_finite() {
+    if norm == 0.0 {
         return v.to_vec();
     }
     v.iter().map(|x| (f64::from(*x) / norm) as f32).collect()

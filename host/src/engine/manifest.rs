@@ -72,7 +72,8 @@ pub struct ModelManifest {
     #[serde(default)]
     pub embedding_pooling: Pooling,
     /// Tokens of one embedding batch, which is also the longest input; default
-    /// `context_length`, at most 2048. Its context is created on the first embedding.
+    /// `context_length`, at most 512. Its context is created on the first embedding and costs
+    /// about vocabulary x this x 4 bytes for logits llama.cpp reserves beside the embeddings.
     #[serde(default)]
     pub embedding_batch: Option<usize>,
     /// Inputs computed in one embedding batch.
@@ -221,7 +222,7 @@ impl ModelManifest {
 
     /// Tokens of one embedding batch, and the longest input it takes.
     pub fn embedding_tokens(&self) -> usize {
-        self.embedding_batch.unwrap_or(self.context_length.min(2048))
+        self.embedding_batch.unwrap_or(self.context_length.min(512))
     }
 
     /// Opens allowed to wait for a sequence.

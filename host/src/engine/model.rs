@@ -319,7 +319,9 @@ impl Model {
     /// One unit-length embedding per input (token ids), pooled as the manifest says. The
     /// inputs compute in one batch with every other embedding waiting at the same time.
     pub async fn embed(&self, inputs: Vec<Vec<i32>>) -> Result<Vec<Vec<f32>>, EngineError> {
-        let limit = self.manifest.embedding_tokens();
+        // Positions past the training context would read outside a learned position table.
+        let trained = usize::try_from(self.llama().n_ctx_train()).unwrap_or(usize::MAX);
+        let limit = self.manifest.embedding_tokens().min(trained);
         let vocab = self.info.vocab_size;
         for (index, input) in inputs.iter().enumerate() {
             if input.is_empty() {

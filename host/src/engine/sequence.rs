@@ -89,12 +89,12 @@ impl Sequence {
         let (reply, rx) = oneshot::channel();
         self.model.send(Command::Feed { seq: self.seq_id, tokens: tokens.to_vec(), want, reply })?;
         self.in_flight = true;
-        Ok(PendingFeed { seq: self.seq_id, tokens: tokens.len(), rx })
+        Ok(PendingFeed { model: Arc::as_ptr(&self.model) as usize, seq: self.seq_id, tokens: tokens.len(), rx })
     }
 
     /// The second half of [`Sequence::feed`]: wait for a submitted feed's answer.
     pub async fn complete(&mut self, pending: PendingFeed) -> Result<Output, EngineError> {
-        if pending.seq != self.seq_id {
+        if pending.seq != self.seq_id || pending.model != Arc::as_ptr(&self.model) as usize {
             return Err(EngineError::InvalidArgument("that feed was submitted on another sequence".into()));
         }
         let out = pending.rx.await.map_err(|_| self.model.stopped())?;
@@ -107,7 +107,10 @@ impl Sequence {
 }
 
 /// A feed submitted with [`Sequence::submit`], not yet completed.
+#[must_use = "the sequence accepts no other feed until this one is completed"]
 pub struct PendingFeed {
+    /// The sequence it belongs to: its model (by address) and id.
+    model: usize,
     seq: i32,
     tokens: usize,
     rx: oneshot::Receiver<Result<Output, EngineError>>,
