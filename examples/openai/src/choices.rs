@@ -89,9 +89,13 @@ pub fn completions(
                         json!([{ "text": text, "index": i, "logprobs": lp, "finish_reason": null }]),
                     ))?;
                 }
-            }
-            for (i, reason) in reasons(&choices).into_iter().enumerate() {
-                sse.send_json(&object(json!([{ "text": "", "index": i, "logprobs": null, "finish_reason": reason }])))?;
+                // Each choice's end is sent when it ends, as OpenAI does.
+                for i in choices.take_ended() {
+                    let reason = choices.iter().nth(i).map(finish_reason);
+                    sse.send_json(&object(
+                        json!([{ "text": "", "index": i, "logprobs": null, "finish_reason": reason }]),
+                    ))?;
+                }
             }
             if wants_usage(common) {
                 let mut last = object(json!([]));
@@ -151,9 +155,13 @@ pub fn chat(
                     let c = json!([{ "index": i, "delta": { "content": text }, "logprobs": render(&entries)?, "finish_reason": null }]);
                     sse.send_json(&chunk(c))?;
                 }
-            }
-            for (i, reason) in reasons(&choices).into_iter().enumerate() {
-                sse.send_json(&chunk(json!([{ "index": i, "delta": {}, "logprobs": null, "finish_reason": reason }])))?;
+                // Each choice's end is sent when it ends, as OpenAI does.
+                for i in choices.take_ended() {
+                    let reason = choices.iter().nth(i).map(finish_reason);
+                    sse.send_json(&chunk(
+                        json!([{ "index": i, "delta": {}, "logprobs": null, "finish_reason": reason }]),
+                    ))?;
+                }
             }
             if wants_usage(common) {
                 let mut last = chunk(json!([]));
