@@ -3,7 +3,7 @@
 //! its KV cells to the other choices' sequences), so `n` choices cost far less than `n`
 //! requests. Choice `i` samples with `seed + i` when a seed is given.
 
-use flywheel_guest::{Choices, GenerateOptions, HttpError, Responder, TokenLogprob};
+use flywheel_guest::{Choices, GenerateOptions, HttpError, Responder, SseStream, TokenLogprob};
 use serde_json::{json, Value};
 
 use crate::logprobs::{self, CompletionLogprobs};
@@ -37,6 +37,35 @@ fn reasons(choices: &Choices) -> Vec<&'static str> {
 
 fn wants_usage(common: &Common) -> bool {
     common.stream_options.as_ref().is_some_and(|o| o.include_usage == Some(true))
+}
+
+/// Stream every choice's text as it comes and each choice's end when it ends (as OpenAI
+/// does), then the usage when asked for. `piece` and `end` make a `choices` entry; `wrap`
+/// makes the chunk around a list of them.
+fn stream_rounds(
+    sse: &mut SseStream,
+    choices: &mut Choices,
+    common: &Common,
+    wrap: impl Fn(Value) -> Value,
+    mut piece: impl FnMut(usize, String, Vec<TokenLogprob>) -> Result<Value, HttpError>,
+    end: impl Fn(usize, &str) -> Value,
+) -> Result<(), HttpError> {
+    while let Some(pieces) = choices.next_texts()? {
+        for (i, text) in pieces {
+            let entries = choices.get_mut(i).map(|g| g.take_logprobs()).unwrap_or_default();
+            sse.send_json(&wrap(json!([piece(i, text, entries)?])))?;
+        }
+        for i in choices.take_ended() {
+            let reason = choices.iter().nth(i).map_or("stop", finish_reason);
+            sse.send_json(&wrap(json!([end(i, reason)])))?;
+        }
+    }
+    if wants_usage(common) {
+        let mut last = wrap(json!([]));
+        last["usage"] = usage(choices);
+        sse.send_json(&last)?;
+    }
+    Ok(())
 }
 
 /// Run every choice to its end: each one's text and log-probabilities.
@@ -79,30 +108,13 @@ pub fn completions(
                     sse.send_json(&object(c))?;
                 }
             }
-            while let Some(pieces) = choices.next_texts()? {
-                for (i, text) in pieces {
-                    let lp = match (reporting, choices.get_mut(i)) {
-                        (true, Some(g)) => offsets[i].render(model, &g.take_logprobs())?,
-                        _ => Value::Null,
-                    };
-                    sse.send_json(&object(
-                        json!([{ "text": text, "index": i, "logprobs": lp, "finish_reason": null }]),
-                    ))?;
-                }
-                // Each choice's end is sent when it ends, as OpenAI does.
-                for i in choices.take_ended() {
-                    let reason = choices.iter().nth(i).map(finish_reason);
-                    sse.send_json(&object(
-                        json!([{ "text": "", "index": i, "logprobs": null, "finish_reason": reason }]),
-                    ))?;
-                }
-            }
-            if wants_usage(common) {
-                let mut last = object(json!([]));
-                last["usage"] = usage(&choices);
-                sse.send_json(&last)?;
-            }
-            Ok(())
+            let piece = |i: usize, text: String, entries: Vec<TokenLogprob>| {
+                let lp = if reporting { offsets[i].render(model, &entries)? } else { Value::Null };
+                Ok(json!({ "text": text, "index": i, "logprobs": lp, "finish_reason": null }))
+            };
+            let end =
+                |i: usize, reason: &str| json!({ "text": "", "index": i, "logprobs": null, "finish_reason": reason });
+            stream_rounds(sse, &mut choices, common, object, piece, end)
         })
     } else {
         let results = collect(&mut choices)?;
@@ -149,26 +161,14 @@ pub fn chat(
                     json!([{ "index": i, "delta": delta, "logprobs": null, "finish_reason": null }]),
                 ))?;
             }
-            while let Some(pieces) = choices.next_texts()? {
-                for (i, text) in pieces {
-                    let entries = choices.get_mut(i).map(|g| g.take_logprobs()).unwrap_or_default();
-                    let c = json!([{ "index": i, "delta": { "content": text }, "logprobs": render(&entries)?, "finish_reason": null }]);
-                    sse.send_json(&chunk(c))?;
-                }
-                // Each choice's end is sent when it ends, as OpenAI does.
-                for i in choices.take_ended() {
-                    let reason = choices.iter().nth(i).map(finish_reason);
-                    sse.send_json(&chunk(
-                        json!([{ "index": i, "delta": {}, "logprobs": null, "finish_reason": reason }]),
-                    ))?;
-                }
-            }
-            if wants_usage(common) {
-                let mut last = chunk(json!([]));
-                last["usage"] = usage(&choices);
-                sse.send_json(&last)?;
-            }
-            Ok(())
+            let piece = |i: usize, text: String, entries: Vec<TokenLogprob>| {
+                Ok(
+                    json!({ "index": i, "delta": { "content": text }, "logprobs": render(&entries)?, "finish_reason": null }),
+                )
+            };
+            let end =
+                |i: usize, reason: &str| json!({ "index": i, "delta": {}, "logprobs": null, "finish_reason": reason });
+            stream_rounds(sse, &mut choices, common, chunk, piece, end)
         })
     } else {
         let results = collect(&mut choices)?;

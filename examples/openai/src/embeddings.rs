@@ -6,7 +6,7 @@ use flywheel_guest::{from_json_value, HttpError, Model, Request, Responder};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::model_not_found;
+use crate::open_model;
 
 /// OpenAI's limit on inputs per request.
 const MAX_INPUTS: usize = 2048;
@@ -56,13 +56,7 @@ pub fn create(req: &Request, res: Responder) -> Result<(), HttpError> {
             .with_param("encoding_format"))
         }
     };
-    let available = Model::available();
-    let name = match &body.model {
-        Some(m) if available.contains(m) => m.clone(),
-        Some(m) => return Err(model_not_found(m)),
-        None => available.first().cloned().ok_or_else(|| HttpError::new(503, "server_error", "no model is loaded"))?,
-    };
-    let model = Model::open(&name)?;
+    let (model, name) = open_model(body.model.as_deref())?;
     let inputs = match body.input {
         Input::Text(t) => vec![tokens_of(&model, &t)?],
         Input::Texts(texts) => texts.iter().map(|t| tokens_of(&model, t)).collect::<Result<_, _>>()?,

@@ -163,15 +163,20 @@ fn choice_count(n: Option<i64>) -> Result<usize, HttpError> {
     }
 }
 
-fn prepare(common: &Common) -> Result<Prepared, HttpError> {
-    let n = choice_count(common.n)?;
+/// The model a request names (the first one served when it names none), opened.
+fn open_model(requested: Option<&str>) -> Result<(Model, String), HttpError> {
     let available = Model::available();
-    let name = match &common.model {
-        Some(m) if available.contains(m) => m.clone(),
+    let name = match requested {
+        Some(m) if available.iter().any(|a| a == m) => m.to_string(),
         Some(m) => return Err(model_not_found(m)),
         None => available.first().cloned().ok_or_else(|| HttpError::new(503, "server_error", "no model is loaded"))?,
     };
-    let model = Model::open(&name)?;
+    Ok((Model::open(&name)?, name))
+}
+
+fn prepare(common: &Common) -> Result<Prepared, HttpError> {
+    let n = choice_count(common.n)?;
+    let (model, name) = open_model(common.model.as_deref())?;
     let info = model.info();
     let limit = match (common.max_completion_tokens, common.max_tokens) {
         (Some(a), Some(b)) if a != b => {
