@@ -53,6 +53,8 @@ fn plugins(state: &AppState) -> serde_json::Value {
                 "models": m.models,
                 "loaded_at": p.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                 "compiled_from_cache": p.from_cache,
+                // What one instance takes from the shared pool.
+                "pool_needs": p.needs,
                 "in_flight": p.in_flight(),
                 "limits": {
                     "memory_limit_mb": m.memory_limit_mb,

@@ -83,7 +83,7 @@ impl From<&InvokeError> for ApiError {
             InvokeError::NoResponse { .. } | InvokeError::GuestError { .. } => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "plugin_error", message)
             }
-            InvokeError::Instantiate { .. } => {
+            InvokeError::Instantiate { .. } | InvokeError::PoolFull { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", message)
                     .retry_after(Duration::from_secs(1))
             }

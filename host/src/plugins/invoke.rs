@@ -61,6 +61,8 @@ pub enum InvokeError {
     GuestError { plugin: String, code: String },
     #[error("no instance of plugin {plugin} could be created: {message}")]
     Instantiate { plugin: String, message: String },
+    #[error("plugin {plugin} could not get an instance slot within its deadline of {deadline:?}: the host is at plugins.max_instances")]
+    PoolFull { plugin: String, deadline: Duration },
     #[error("bad request: {0}")]
     BadRequest(String),
 }
@@ -175,6 +177,10 @@ impl PluginRuntime {
             .map_err(|_| InvokeError::Busy { plugin: name.clone(), limit: plugin.manifest.max_concurrency })?;
         let deadline_after = Duration::from_millis(plugin.manifest.deadline_ms);
         let deadline = Instant::now() + deadline_after;
+        // Wait in line for the pool slots this component takes (the pool is shared by all plugins).
+        let slots = tokio::time::timeout_at(deadline.into(), self.slots.acquire(plugin.needs))
+            .await
+            .map_err(|_| InvokeError::PoolFull { plugin: name.clone(), deadline: deadline_after })?;
         let m = &plugin.manifest;
         let memory_bytes = usize::try_from(m.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         // Every handle a guest holds (errors, graphs, tensors, streams) is host memory: bound
@@ -231,7 +237,7 @@ impl PluginRuntime {
         let observer = self.observer.clone();
         let task_name = name.clone();
         let task = tokio::spawn(async move {
-            let _permit = permit;
+            let mut store = store;
             let run = async {
                 let started = Instant::now();
                 let proxy = pre.instantiate_async(&mut store).await.map_err(|e| (true, e))?;
@@ -245,8 +251,12 @@ impl PluginRuntime {
             } else if let Err(InvokeError::Deadline { .. }) = &result {
                 observer.trapped(&task_name, &TrapKind::Deadline);
             }
+            // Open sequences close and their KV cells are freed with the store; its pool
+            // slots are free only after it is gone, so give back the permits after it.
+            drop(store);
+            drop(slots);
+            drop(permit);
             result
-            // The store drops here: open sequences close and their KV cells are freed.
         });
         // Until the response is handed over, dropping this future (the client went away)
         // stops the guest too; afterwards the response body carries the guard.

@@ -9,6 +9,7 @@
 
 mod invoke;
 mod manifest;
+mod pool;
 mod registry;
 mod store;
 
@@ -17,15 +18,17 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use wasmtime::component::Linker;
-use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, InstanceAllocationStrategy};
 
 pub use invoke::{BodyError, InvokeError, PluginBody, TrapKind};
 pub use manifest::{PluginManifest, RESERVED_PREFIXES};
+pub use pool::{ComponentNeeds, PoolSize};
 pub use registry::{Plugin, PluginFailure, PluginSet};
 pub use store::PluginState;
 
 use crate::engine::Engine;
 use crate::nn::NnObserver;
+use pool::SlotBudget;
 use registry::Loader;
 
 /// Observes plugin runs; every method has an empty default.
@@ -81,6 +84,9 @@ pub struct PluginRuntime {
     reload_lock: tokio::sync::Mutex<u64>,
     pub(crate) observer: Arc<dyn PluginObserver>,
     pub(crate) nn_observer: Arc<dyn NnObserver>,
+    /// The pool's free slots; each request takes what its plugin's component needs.
+    pub(crate) slots: SlotBudget,
+    pool_size: PoolSize,
     /// Stops the epoch thread when the runtime goes away.
     _ticker: EpochTicker,
 }
@@ -104,22 +110,56 @@ fn wasm_engine(config: &RuntimeConfig) -> anyhow::Result<wasmtime::Engine> {
     cfg.epoch_interruption(true);
     cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
     let max_memory = usize::try_from(config.max_memory_mb.saturating_mul(1 << 20))?;
-    let mut pool = PoolingAllocationConfig::new();
-    pool.total_component_instances(config.max_instances)
-        .total_core_instances(config.max_instances.saturating_mul(8))
-        .total_memories(config.max_instances.saturating_mul(2))
-        .total_tables(config.max_instances.saturating_mul(8))
-        .total_stacks(config.max_instances)
-        .max_memory_size(max_memory)
-        .max_memories_per_component(4)
-        .max_tables_per_component(16)
-        .max_core_instances_per_component(32)
-        // Keep recently used slots' first pages mapped: instantiation then skips page faults.
-        .linear_memory_keep_resident(1 << 20)
-        .table_keep_resident(1 << 16)
-        .async_stack_keep_resident(1 << 16);
+    let pool = PoolSize::for_instances(config.max_instances).pooling_config(max_memory);
     cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Ok(wasmtime::Engine::new(&cfg)?)
+}
+
+/// What a plugin may import: WASI (with no capabilities granted per request), wasi-http and
+/// the inference interfaces.
+fn plugin_linker(wasm: &wasmtime::Engine) -> anyhow::Result<Linker<PluginState>> {
+    let mut linker = Linker::<PluginState>::new(wasm);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    crate::nn::add_to_linker(&mut linker, PluginState::nn_view)?;
+    Ok(linker)
+}
+
+/// A plugin file checked the way the server loads it (manifest beside it, compile or cache,
+/// pool fit, link against the host's world), without serving it.
+#[derive(Debug, serde::Serialize)]
+pub struct PluginCheck {
+    pub name: String,
+    pub sha256: String,
+    pub bytes: u64,
+    pub needs: ComponentNeeds,
+    pub from_cache: bool,
+    pub load_ms: f64,
+}
+
+/// Check one plugin file; the error says why the server would refuse it.
+pub async fn check_plugin(path: &std::path::Path, config: &RuntimeConfig) -> Result<PluginCheck, String> {
+    let wasm = wasm_engine(config).map_err(|e| format!("{e:#}"))?;
+    let linker = plugin_linker(&wasm).map_err(|e| format!("{e:#}"))?;
+    let loader = Loader {
+        wasm: &wasm,
+        linker: &linker,
+        cache_dir: config.cache_dir.as_deref(),
+        max_memory_mb: config.max_memory_mb,
+        pool: PoolSize::for_instances(config.max_instances),
+    };
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
+    let started = std::time::Instant::now();
+    let plugin = loader.load_one(&name, path, &PluginSet::default()).await?;
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    Ok(PluginCheck {
+        name,
+        sha256: plugin.sha256.clone(),
+        bytes,
+        needs: plugin.needs,
+        from_cache: plugin.from_cache,
+        load_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
 }
 
 impl PluginRuntime {
@@ -131,10 +171,7 @@ impl PluginRuntime {
         nn_observer: Arc<dyn NnObserver>,
     ) -> anyhow::Result<Arc<Self>> {
         let wasm = wasm_engine(&config)?;
-        let mut linker = Linker::<PluginState>::new(&wasm);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        crate::nn::add_to_linker(&mut linker, PluginState::nn_view)?;
+        let linker = plugin_linker(&wasm)?;
 
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
@@ -146,6 +183,7 @@ impl PluginRuntime {
                 }
             })?;
         }
+        let pool_size = PoolSize::for_instances(config.max_instances);
         let runtime = Arc::new(Self {
             wasm,
             linker,
@@ -155,6 +193,8 @@ impl PluginRuntime {
             reload_lock: tokio::sync::Mutex::new(0),
             observer,
             nn_observer,
+            slots: SlotBudget::new(pool_size),
+            pool_size,
             _ticker: EpochTicker { stop },
         });
         let report = runtime.reload().await;
@@ -176,6 +216,16 @@ impl PluginRuntime {
         &self.config
     }
 
+    /// The pooling allocator's totals.
+    pub fn pool_size(&self) -> PoolSize {
+        self.pool_size
+    }
+
+    /// Core-instance slots free now.
+    pub fn free_core_instance_slots(&self) -> usize {
+        self.slots.free_core_instances()
+    }
+
     /// Rescan the plugin directory and swap in the new set.
     pub async fn reload(&self) -> ReloadReport {
         let mut last = self.reload_lock.lock().await;
@@ -186,6 +236,7 @@ impl PluginRuntime {
             linker: &self.linker,
             cache_dir: self.config.cache_dir.as_deref(),
             max_memory_mb: self.config.max_memory_mb,
+            pool: self.pool_size,
         };
         let set = loader.load_dir(&self.config.plugin_dir, &old).await;
         let report = ReloadReport { loaded: set.plugins.keys().cloned().collect(), failed: set.failures.clone() };

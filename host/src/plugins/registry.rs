@@ -13,6 +13,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use super::manifest::PluginManifest;
+use super::pool::{ComponentNeeds, PoolSize};
 use super::store::PluginState;
 use crate::nn::AllowedModels;
 
@@ -25,6 +26,8 @@ pub struct Plugin {
     pub loaded_at: SystemTime,
     /// Whether the compiled code came from the on-disk cache.
     pub from_cache: bool,
+    /// What one instance takes from the pool.
+    pub needs: ComponentNeeds,
     pub(crate) pre: ProxyPre<PluginState>,
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) allowed_models: AllowedModels,
@@ -76,6 +79,8 @@ pub(crate) struct Loader<'a> {
     pub cache_dir: Option<&'a Path>,
     /// The pool's per-instance memory ceiling (`plugins.max_memory_mb`).
     pub max_memory_mb: u64,
+    /// The pool's totals: a component that needs more than these can never run.
+    pub pool: PoolSize,
 }
 
 /// Plugin names become URL segments: keep them boring.
@@ -149,7 +154,7 @@ impl Loader<'_> {
         set
     }
 
-    async fn load_one(&self, name: &str, path: &Path, old: &PluginSet) -> Result<Arc<Plugin>, String> {
+    pub(crate) async fn load_one(&self, name: &str, path: &Path, old: &PluginSet) -> Result<Arc<Plugin>, String> {
         if !valid_name(name) {
             return Err(format!("plugin file name {name:?} must use only ASCII letters, digits, '-' and '_'"));
         }
@@ -175,6 +180,17 @@ impl Loader<'_> {
             }
         }
         let (component, from_cache) = self.compile(&bytes, &sha256).await?;
+        let needs = ComponentNeeds::of(&bytes, &component)?;
+        needs.check_fits()?;
+        if needs.core_instances > self.pool.core_instances
+            || needs.memories > self.pool.memories
+            || needs.tables > self.pool.tables
+        {
+            return Err(format!(
+                "the component needs {needs:?}, more than the whole pool holds ({:?}); raise plugins.max_instances",
+                self.pool
+            ));
+        }
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -184,7 +200,15 @@ impl Loader<'_> {
             None => AllowedModels::All,
             Some(list) => AllowedModels::Only(list.clone().into()),
         };
-        tracing::info!(plugin = %name, sha256 = %&sha256[..12], from_cache, "plugin loaded");
+        tracing::info!(
+            plugin = %name,
+            sha256 = %&sha256[..12],
+            from_cache,
+            core_instances = needs.core_instances,
+            memories = needs.memories,
+            tables = needs.tables,
+            "plugin loaded"
+        );
         Ok(Arc::new(Plugin {
             name: name.to_string(),
             permits: Arc::new(Semaphore::new(manifest.max_concurrency)),
@@ -195,6 +219,7 @@ impl Loader<'_> {
             path: path.to_path_buf(),
             loaded_at: SystemTime::now(),
             from_cache,
+            needs,
             pre,
         }))
     }
