@@ -31,6 +31,27 @@ enum Command {
     /// Benchmarks that print a table (or JSON rows).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Work with plugin components.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Check a plugin file as the server would load it (its manifest beside it, the pool's
+    /// limits, linking against the host's imports) and print what one instance needs.
+    Check {
+        /// The component (`<name>.wasm`, with `<name>.toml` beside it if it has a manifest).
+        wasm: PathBuf,
+        /// Configuration file whose `[plugins]` limits apply (defaults without one).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Compile cache to use and fill (the server's `plugins.cache_dir`).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -167,6 +188,9 @@ struct PluginBenchArgs {
     /// Only measure instantiation (works with any plugin, not just `complete`).
     #[arg(long)]
     instantiate_only: bool,
+    /// Also run this many requests at once (32 tokens each) and report peak RSS per instance.
+    #[arg(long, default_value_t = 0)]
+    instances: usize,
     #[command(flatten)]
     run: BenchRunArgs,
 }
@@ -223,7 +247,45 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Engine(args)) => small_runtime()?.block_on(bench_engine(args)),
         Command::Bench(BenchCommand::Plugin(args)) => small_runtime()?.block_on(bench_plugin(args)),
         Command::Bench(BenchCommand::Http(args)) => small_runtime()?.block_on(bench_http(args)),
+        Command::Plugin(PluginCommand::Check { wasm, config, cache_dir, json }) => {
+            small_runtime()?.block_on(check_plugin(&wasm, config.as_deref(), cache_dir, json))
+        }
     }
+}
+
+async fn check_plugin(
+    wasm: &Path,
+    config: Option<&Path>,
+    cache_dir: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let config = match config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    let mut runtime = RuntimeConfig::new(wasm.parent().unwrap_or(Path::new(".")));
+    runtime.max_instances = config.plugins.max_instances;
+    runtime.max_memory_mb = config.plugins.max_memory_mb;
+    runtime.cache_dir = cache_dir;
+    let check = flywheel::plugins::check_plugin(wasm, &runtime)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", wasm.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&check)?);
+    } else {
+        println!(
+            "{}: ok ({:.1} MB, sha256 {}, loaded in {:.0} ms{}); one instance takes {} core instances, {} memories, {} tables",
+            check.name,
+            check.bytes as f64 / 1e6,
+            &check.sha256[..12],
+            check.load_ms,
+            if check.from_cache { " from the compile cache" } else { "" },
+            check.needs.core_instances,
+            check.needs.memories,
+            check.needs.tables
+        );
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -378,7 +440,7 @@ fn bench_manifest(args: &ModelArgs, run: &BenchRunArgs, max_n: usize) -> anyhow:
 }
 
 async fn bench_plugin(args: PluginBenchArgs) -> anyhow::Result<()> {
-    let max_n = args.n.iter().copied().max().unwrap_or(1);
+    let max_n = args.n.iter().copied().max().unwrap_or(1).max(args.instances);
     let manifest = bench_manifest(&args.model, &args.run, max_n)?;
     let title = format!(
         "bench plugin: model {} threads {} (prompt {}, gen {}, greedy, streamed)",
@@ -401,23 +463,34 @@ deadline_ms = 600000
     let mut config = RuntimeConfig::new(&dir);
     config.reload_interval = None;
     config.probe_first_host_call = true;
+    config.cache_dir = Some(dir.join("cache"));
     let probes = Arc::new(bench::plugin::Probes::default());
+    // A restart's first answer: with an empty compile cache (the plugin changed), then with
+    // the cache the first start filled.
+    let mut restart_rows = Vec::new();
+    for mode in ["restart-to-first-answer-cold-cache", "restart-to-first-answer-warm-cache"] {
+        let started = std::time::Instant::now();
+        let runtime = PluginRuntime::start(engine.clone(), config.clone(), probes.clone(), probes.clone()).await?;
+        let plugin = loaded_bench_plugin(&runtime)?;
+        bench::plugin::empty_request(&runtime, &plugin).await?;
+        let once_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+        let from_cache = plugin.from_cache;
+        anyhow::ensure!(from_cache == mode.ends_with("warm-cache"), "{mode}: from_cache = {from_cache}");
+        restart_rows.push(bench::Row { bench: "plugin", mode: mode.into(), n: 1, once_ms, ..Default::default() });
+    }
     let runtime = PluginRuntime::start(engine, config, probes.clone(), probes.clone()).await?;
-    let set = runtime.plugins();
-    let plugin = set.plugins.get("complete").cloned().with_context(|| {
-        let why: Vec<_> = set.failures.iter().map(|f| f.error.clone()).collect();
-        format!("the complete plugin did not load: {why:?}")
-    })?;
+    let plugin = loaded_bench_plugin(&runtime)?;
     let b = bench::plugin::PluginBench {
         ns: args.n,
         prompt: args.run.prompt,
         gen: args.run.gen,
         repeat: args.run.repeat,
         instantiate_only: args.instantiate_only,
+        instances: args.instances,
         ..Default::default()
     };
     let json = args.run.json;
-    let rows = b
+    let mut rows = b
         .run(&runtime, &plugin, &model, &probes, |r| {
             if !json && r.p50_us.is_none() {
                 eprintln!("  measured {} n={}: {:.1} tok/s", r.mode, r.n, r.tok_s);
@@ -425,6 +498,7 @@ deadline_ms = 600000
         })
         .await?;
     let _ = std::fs::remove_dir_all(&dir);
+    rows.extend(restart_rows);
     bench::print_table(&title, &rows, json);
     if !json {
         println!(
@@ -443,6 +517,14 @@ plugin / engine tok/s:"
         }
     }
     Ok(())
+}
+
+fn loaded_bench_plugin(runtime: &PluginRuntime) -> anyhow::Result<Arc<flywheel::plugins::Plugin>> {
+    let set = runtime.plugins();
+    set.plugins.get("complete").cloned().with_context(|| {
+        let why: Vec<_> = set.failures.iter().map(|f| f.error.clone()).collect();
+        format!("the complete plugin did not load: {why:?}")
+    })
 }
 
 fn print_engine_ratios(rows: &[bench::Row]) {

@@ -153,7 +153,6 @@ fn summarize(cfg: &LoadConfig, c: usize, outcomes: &[Outcome], errors: usize, wa
         step_ms: median(&mut tpot),
         ttft_ms: median(&mut ttft),
         prefill_tokens: (outcomes.len() * prompt) as u64,
-        p50_us: None,
         load: Some(LoadStats {
             ttft_p95_ms: percentile(&mut ttft, 95.0),
             latency_p50_ms: median(&mut latency),
@@ -161,6 +160,7 @@ fn summarize(cfg: &LoadConfig, c: usize, outcomes: &[Outcome], errors: usize, wa
             requests: outcomes.len() + errors,
             errors,
         }),
+        ..Row::default()
     }
 }
 

@@ -30,6 +30,14 @@ pub struct Row {
     /// Median latency of a single operation, for rows that measure one (instantiation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_us: Option<f64>,
+    /// A single measured latency (a restart's first answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub once_ms: Option<f64>,
+    /// Peak resident memory added per concurrent instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_per_instance_mib: Option<f64>,
     /// Load-generator rows: tails, whole-request latency, counts.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadStats>,
@@ -56,17 +64,22 @@ pub fn print_table(title: &str, rows: &[Row], json: bool) {
         return;
     }
     println!("{title}");
-    if rows.iter().any(|r| r.p50_us.is_none() && r.load.is_none()) {
+    let is_run = |r: &Row| r.p50_us.is_none() && r.load.is_none() && r.once_ms.is_none();
+    if rows.iter().any(is_run) {
         println!(
             "{:<22} {:>4} {:>7} {:>5} {:>10} {:>9} {:>9} {:>9}",
             "mode", "n", "prompt", "gen", "tok/s", "step ms", "ttft ms", "prefill"
         );
     }
-    for r in rows.iter().filter(|r| r.p50_us.is_none() && r.load.is_none()) {
-        println!(
+    for r in rows.iter().filter(|r| is_run(r)) {
+        print!(
             "{:<22} {:>4} {:>7} {:>5} {:>10.1} {:>9.2} {:>9.1} {:>9}",
             r.mode, r.n, r.prompt, r.gen, r.tok_s, r.step_ms, r.ttft_ms, r.prefill_tokens
         );
+        match r.rss_per_instance_mib {
+            Some(mib) => println!("  peak RSS +{mib:.2} MiB per instance"),
+            None => println!(),
+        }
     }
     let load: Vec<_> = rows.iter().filter_map(|r| r.load.as_ref().map(|l| (r, l))).collect();
     if !load.is_empty() {
@@ -102,7 +115,14 @@ pub fn print_table(title: &str, rows: &[Row], json: bool) {
         }
     }
     for r in rows.iter().filter(|r| r.p50_us.is_some()) {
-        println!("{:<22} p50 {:>8.1} µs over {} requests", r.mode, r.p50_us.unwrap_or(0.0), r.n);
+        print!("{:<22} p50 {:>8.1} µs", r.mode, r.p50_us.unwrap_or(0.0));
+        if let Some(p99) = r.p99_us {
+            print!("  p99 {p99:>8.1} µs");
+        }
+        println!(" over {} requests", r.n);
+    }
+    for r in rows.iter().filter(|r| r.once_ms.is_some()) {
+        println!("{:<32} {:>8.1} ms", r.mode, r.once_ms.unwrap_or(0.0));
     }
 }
 

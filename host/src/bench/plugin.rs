@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
 use super::engine::{engine_run, gather, median_row};
-use super::{median, synthetic_prompts, Row};
+use super::{median, percentile, synthetic_prompts, Row};
 use crate::engine::Model;
 use crate::nn::NnObserver;
 use crate::plugins::{Plugin, PluginObserver, PluginRuntime};
@@ -52,11 +52,23 @@ pub struct PluginBench {
     pub instantiations: usize,
     /// Skip the decode runs (measure instantiation of any plugin).
     pub instantiate_only: bool,
+    /// Concurrent requests for the peak-memory run (0: skip it); each generates `instance_gen`.
+    pub instances: usize,
+    pub instance_gen: usize,
 }
 
 impl Default for PluginBench {
     fn default() -> Self {
-        Self { ns: vec![1, 16], prompt: 64, gen: 128, repeat: 3, instantiations: 300, instantiate_only: false }
+        Self {
+            ns: vec![1, 16],
+            prompt: 64,
+            gen: 128,
+            repeat: 3,
+            instantiations: 300,
+            instantiate_only: false,
+            instances: 0,
+            instance_gen: 32,
+        }
     }
 }
 
@@ -126,15 +138,23 @@ impl PluginBench {
             r.mode = "plugin-full-logits".into();
             push(r, &mut rows);
         }
+        if self.instances > 0 && !self.instantiate_only {
+            // Many live instances at once: every request streams, so all stay instantiated
+            // until they finish; peak RSS over the idle baseline, per instance.
+            let baseline = resident_bytes();
+            let sampler = PeakSampler::start();
+            let mut r = plugin_run(runtime, plugin, model, &prompts(self.instances), self.instance_gen, false).await?;
+            let peak = sampler.stop();
+            r.mode = "concurrent-instances".into();
+            r.rss_per_instance_mib =
+                Some(peak.saturating_sub(baseline) as f64 / self.instances as f64 / f64::from(1u32 << 20));
+            push(r, &mut rows);
+        }
         // Instantiation, one request at a time.
         probes.clear();
         // An empty JSON object: the plugin starts, reads it, answers 400; no model work.
         for _ in 0..self.instantiations {
-            let mut req = hyper::Request::new(Full::new(Bytes::from_static(b"{}")));
-            *req.method_mut() = hyper::Method::POST;
-            *req.uri_mut() = hyper::Uri::from_static("http://localhost/fn/complete");
-            let resp = runtime.invoke(plugin, req).await?;
-            resp.into_body().collect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            empty_request(runtime, plugin).await?;
         }
         let measured = [
             ("instantiate", Probes::take(&probes.instantiate)),
@@ -143,7 +163,9 @@ impl PluginBench {
         for (mode, samples) in measured {
             let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
             let n = us.len();
-            push(Row { mode: mode.into(), n, p50_us: Some(median(&mut us)), ..Row::default() }, &mut rows);
+            let p50 = median(&mut us);
+            let p99 = percentile(&mut us, 99.0);
+            push(Row { mode: mode.into(), n, p50_us: Some(p50), p99_us: Some(p99), ..Row::default() }, &mut rows);
         }
         Ok(rows)
     }
@@ -184,4 +206,54 @@ async fn plugin_run(
         }));
     }
     gather("plugin", tasks, start, model, prefill_before, prompts, gen).await
+}
+
+/// One request that instantiates the plugin and gets its 400 for an empty object.
+pub async fn empty_request(runtime: &Arc<PluginRuntime>, plugin: &Arc<Plugin>) -> anyhow::Result<()> {
+    let mut req = hyper::Request::new(Full::new(Bytes::from_static(b"{}")));
+    *req.method_mut() = hyper::Method::POST;
+    *req.uri_mut() = hyper::Uri::from_static("http://localhost/fn/complete");
+    let resp = runtime.invoke(plugin, req).await?;
+    anyhow::ensure!(resp.status() == 400, "an empty request got {}, not 400", resp.status());
+    resp.into_body().collect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// This process's resident memory now.
+fn resident_bytes() -> u64 {
+    // statm: size resident shared ... in pages.
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
+/// Samples resident memory every millisecond on its own thread, keeping the peak.
+struct PeakSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl PeakSampler {
+    fn start() -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = resident_bytes();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(resident_bytes());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            peak.max(resident_bytes())
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
 }
