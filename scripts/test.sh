@@ -25,6 +25,9 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
 fi
 export FLYWHEEL_REQUIRE_NGINX=1
 
+# Python and JavaScript plugins build with pinned componentize-py and componentize-js.
+bash scripts/plugin-toolchains.sh py js
+
 # Formatting and lint checks need these components (no-ops when present).
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
