@@ -302,6 +302,29 @@ fn guest_path(name: &str) -> std::path::PathBuf {
     support::server::guest_wasm(name)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_the_host_cannot_link_or_hold_are_refused_at_load_with_the_reason() {
+    let s = start(models(), &[plugin("complete", "complete", None)], |c| c.auth.admin_key = Some("admin".into())).await;
+    let unlinkable = r#"(component (import "example:missing/thing@1.0.0" (instance (export "f" (func)))))"#;
+    std::fs::write(s.plugin_dir.join("unlinkable.wasm"), wat::parse_str(unlinkable).unwrap()).unwrap();
+    // 33 instances of an empty module: more than one plugin may take from the pool.
+    let instances: String = (0..33).map(|i| format!("(core instance $i{i} (instantiate $m))")).collect();
+    let greedy = format!("(component (core module $m) {instances})");
+    std::fs::write(s.plugin_dir.join("greedy.wasm"), wat::parse_str(&greedy).unwrap()).unwrap();
+    let listing = wait_for(&s, |v| v["failed"].as_array().is_some_and(|f| f.len() == 2)).await;
+    let failed = listing["failed"].as_array().unwrap();
+    let reason = |name: &str| failed.iter().find(|f| f["name"] == name).unwrap()["error"].as_str().unwrap().to_string();
+    let why = reason("unlinkable");
+    assert!(why.contains("cannot link") && why.contains("example:missing/thing"), "{why}");
+    let why = reason("greedy");
+    assert!(why.contains("33 core") && why.contains("32"), "{why}");
+    // The plugin that loads reports what an instance of it takes from the pool.
+    let needs = &listing["plugins"][0]["pool_needs"];
+    assert!(needs["core_instances"].as_u64().is_some_and(|n| (1..=8).contains(&n)), "{needs}");
+    assert_eq!(s.post("/fn/complete", r#"{"model": "tiny", "prompt": "hi", "max_tokens": 2}"#).await.status, 200);
+    s.shutdown().await;
+}
+
 async fn wait_for(s: &TestServer, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let until = Instant::now() + Duration::from_secs(20);
     loop {

@@ -52,11 +52,14 @@ async fn readme_examples_work_as_written() {
         let manifest = std::fs::read_to_string(manifest).ok();
         support::server::install(&plugins, &support::server::plugin(name, name, manifest.as_deref()));
     }
+    for name in support::polyglot::EXAMPLES {
+        support::polyglot::install_example(&plugins, name, "");
+    }
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.models.dir = model.file.parent().unwrap().parent().unwrap().to_path_buf();
     config.plugins.dir = plugins;
-    config.plugins.cache_dir = root.join("cache");
+    config.plugins.cache_dir = support::polyglot::cache_dir();
     let server = Server::start(config).await.unwrap();
     let base = format!("http://{}", server.addr);
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod node;
+pub mod polyglot;
 pub mod raw;
 pub mod server;
 pub mod tiny_gguf;

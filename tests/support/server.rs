@@ -91,6 +91,16 @@ pub async fn start(
     plugins: &[PluginSpec],
     configure: impl FnOnce(&mut Config),
 ) -> TestServer {
+    start_with_examples(models, plugins, &[], configure).await
+}
+
+/// As `start`, with Python and JavaScript examples installed too: (name, extra manifest lines).
+pub async fn start_with_examples(
+    models: Vec<ModelManifest>,
+    plugins: &[PluginSpec],
+    examples: &[(&str, &str)],
+    configure: impl FnOnce(&mut Config),
+) -> TestServer {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let root = super::scratch_dir(&format!("server-{n}"));
     let plugin_dir = root.join("plugins");
@@ -99,11 +109,18 @@ pub async fn start(
     for p in plugins {
         install(&plugin_dir, p);
     }
+    for (name, extra) in examples {
+        super::polyglot::install_example(&plugin_dir, name, extra);
+    }
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().expect("addr");
     config.server.shutdown_grace_ms = 2_000;
     config.plugins.dir = plugin_dir.clone();
     config.plugins.cache_dir = root.join("cache");
+    if !examples.is_empty() {
+        // The big Python and JS components compile once, into a cache shared across runs.
+        config.plugins.cache_dir = super::polyglot::cache_dir();
+    }
     config.plugins.reload_interval_ms = 100;
     configure(&mut config);
     let metrics = Metrics::new();
