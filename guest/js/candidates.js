@@ -12,6 +12,17 @@ export function readTensor(t, Type) {
   return new Type(bytes.slice().buffer);
 }
 
+/** A short tensor's values as a plain array ('i32' or 'f32'), read in place. */
+export function readValues(t, type) {
+  const bytes = t.data();
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const n = bytes.byteLength >> 2;
+  const out = new Array(n);
+  if (type === 'i32') for (let i = 0; i < n; i++) out[i] = view.getInt32(i * 4, true);
+  else for (let i = 0; i < n; i++) out[i] = view.getFloat32(i * 4, true);
+  return out;
+}
+
 /**
  * What a feed asks for: the `k` best candidates (optionally only among `allowed` ids,
  * optionally with log-probabilities over the whole vocabulary), or `fullLogits`, the whole row.

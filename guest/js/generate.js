@@ -79,7 +79,7 @@ export class Generation {
       this.finish('stop');
       return null;
     }
-    return [token, this.model.tokenBytes([token])[0]];
+    return [token, this.model.tokenPiece(token)];
   }
 
   // Text safe to emit now, keeping the longest tail that could start a stop string.

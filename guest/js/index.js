@@ -1,6 +1,6 @@
 // Flywheel's JavaScript SDK for guest plugins (componentize-js, world `flywheel:llm/plugin`).
 // A plugin's main module imports what it needs from here and exports `incomingHandler`.
-export { Candidates, Want, i32Tensor, readTensor } from './candidates.js';
+export { Candidates, Want, i32Tensor, readTensor, readValues } from './candidates.js';
 export { allConfig, config } from './config.js';
 export { FlywheelError, HttpError, InferenceError, ModelError, ProtocolError, toHttpError } from './errors.js';
 export { Generation } from './generate.js';

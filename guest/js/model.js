@@ -2,7 +2,7 @@
 import { loadByName } from 'wasi:nn/graph@0.2.0-rc-2024-10-28';
 import * as llm from 'flywheel:llm/model@0.1.0';
 import { computeMany, embed as embedMany } from 'flywheel:llm/batch@0.1.0';
-import { Candidates, Want, readTensor } from './candidates.js';
+import { Candidates, Want, readTensor, readValues } from './candidates.js';
 import { config } from './config.js';
 import { HttpError, ProtocolError, drop, llmError, nnError } from './errors.js';
 import { Generation } from './generate.js';
@@ -56,13 +56,9 @@ export class Session {
     if (want.logprobs) {
       const lp = found.get('top_k_logprobs');
       if (!lp) throw new ProtocolError('the host returned no top_k_logprobs');
-      logprobs = Array.from(readTensor(lp, Float32Array));
+      logprobs = readValues(lp, 'f32');
     }
-    return new Candidates({
-      ids: Array.from(readTensor(ids, Int32Array)),
-      logits: Array.from(readTensor(logits, Float32Array)),
-      logprobs,
-    });
+    return new Candidates({ ids: readValues(ids, 'i32'), logits: readValues(logits, 'f32'), logprobs });
   }
 
   close() {
@@ -96,6 +92,9 @@ export class Model {
     this.info = llmCall(llm.info, name);
     this.name = this.info.name;
     this.endOfGeneration = new Set(this.info.endOfGeneration);
+    // Each token's bytes, fetched once per instance: a host call per generated token is a
+    // large part of a guest's per-token cost.
+    this.pieces = new Map();
   }
 
   /** The models this plugin may use. */
@@ -134,6 +133,16 @@ export class Model {
   /** The exact bytes each token prints as (special tokens print as nothing). */
   tokenBytes(tokens, renderSpecial = false) {
     return llmCall(llm.tokenBytes, this.name, Int32Array.from(tokens), renderSpecial);
+  }
+
+  /** The bytes one token prints as (cached per instance). */
+  tokenPiece(token) {
+    let piece = this.pieces.get(token);
+    if (piece === undefined) {
+      piece = this.tokenBytes([token])[0];
+      this.pieces.set(token, piece);
+    }
+    return piece;
   }
 
   /** Render a conversation ([{role, content}]) with the model's chat template. */

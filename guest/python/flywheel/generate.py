@@ -73,7 +73,7 @@ class Generation:
         if self.stop_at_end_of_generation and self.model.is_end_of_generation(token):
             self._finish("stop")
             return None
-        return token, self.model.token_bytes([token])[0]
+        return token, self.model.token_piece(token)
 
     def _split_held(self):
         """Text safe to emit now, keeping the longest tail that could start a stop string."""

@@ -51,7 +51,7 @@ class Session:
 
     def _read(self, fed, want, outputs):
         self.length += fed
-        found = dict(outputs)
+        found = {name: t for name, t in outputs}
         if want.full_logits:
             t = found.get("logits")
             row = read_tensor(t, "f") if t is not None else array("f")
@@ -106,6 +106,10 @@ class Model:
             raise _nn_error(e) from None
         self.info = _llm_call(_llm.info, name)
         self.name = self.info.name
+        self._end_of_generation = frozenset(self.info.end_of_generation)
+        # Each token's bytes, fetched once per instance: a host call per generated token
+        # is a large part of a guest's per-token cost.
+        self._pieces = {}
 
     @staticmethod
     def available():
@@ -130,7 +134,15 @@ class Model:
         return self.info.context_length
 
     def is_end_of_generation(self, token):
-        return token in self.info.end_of_generation
+        return token in self._end_of_generation
+
+    def token_piece(self, token):
+        """The bytes one token prints as (cached per instance)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self.token_bytes([token])[0]
+            self._pieces[token] = piece
+        return piece
 
     def tokenize(self, text, add_special=True, parse_special=False):
         """Text to token ids; by default the way a prompt starts (with BOS if the model adds one)."""
