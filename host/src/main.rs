@@ -245,7 +245,8 @@ fn main() -> anyhow::Result<()> {
         Command::Models(ModelsCommand::List { models_dir }) => list_models(&models_dir),
         // One thread for the callers: the decode threads get the cores, as in the native loop.
         Command::Bench(BenchCommand::Engine(args)) => small_runtime()?.block_on(bench_engine(args)),
-        Command::Bench(BenchCommand::Plugin(args)) => small_runtime()?.block_on(bench_plugin(args)),
+        // Guests run on the server's runtime (a worker per core), as they would when serving.
+        Command::Bench(BenchCommand::Plugin(args)) => server_runtime()?.block_on(bench_plugin(args)),
         Command::Bench(BenchCommand::Http(args)) => small_runtime()?.block_on(bench_http(args)),
         Command::Plugin(PluginCommand::Check { wasm, config, cache_dir, json }) => {
             small_runtime()?.block_on(check_plugin(&wasm, config.as_deref(), cache_dir, json))
@@ -302,11 +303,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok(limit) => tracing::info!(open_files = limit, connections = config.server.connection_limit(), "file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
+    server_runtime()?.block_on(async {
         let server = Server::start(config).await?;
         server.run_until_signal().await
     })
+}
+
+/// The server's runtime: one worker thread per core.
+fn server_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 /// A single-threaded runtime for commands whose async work is light.
