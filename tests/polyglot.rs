@@ -165,6 +165,9 @@ async fn a_full_pool_makes_requests_wait_their_turn_instead_of_failing() {
     for (status, body) in py.iter().chain(&rust) {
         assert_eq!(*status, 200, "{body}");
     }
+    // Every request's wait for its slots is measured.
+    let metrics = s.get("/metrics").await.text();
+    assert!(metrics.contains("flywheel_plugin_slot_wait_seconds_count{plugin=\"py-complete\"} 10"), "{metrics}");
     assert!(s.wait_idle(Duration::from_secs(2)).await);
     s.shutdown().await;
 }

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub batch_sequences: Family<ModelLabel, Histogram>,
     pub step_duration: Family<ModelLabel, Histogram>,
     pub instantiation: Family<PluginLabel, Histogram>,
+    /// Time requests waited for instance-pool slots.
+    pub slot_wait: Family<PluginLabel, Histogram>,
     pub guest_traps: Family<TrapLabels, Counter>,
     /// Responses whose body ended before it was complete, by why.
     pub cut_responses: Family<CutLabels, Counter>,
@@ -139,6 +141,12 @@ impl Metrics {
             "Time to instantiate a plugin for a request",
             instantiation.clone(),
         );
+        let slot_wait = Family::<PluginLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "flywheel_plugin_slot_wait_seconds",
+            "Time a request waited for instance-pool slots (the pool is full when this grows)",
+            slot_wait.clone(),
+        );
         let guest_traps = Family::<TrapLabels, Counter>::default();
         registry.register("flywheel_guest_traps", "Guests stopped by a trap, by kind", guest_traps.clone());
         let cut_responses = Family::<CutLabels, Counter>::default();
@@ -172,6 +180,7 @@ impl Metrics {
             batch_sequences,
             step_duration,
             instantiation,
+            slot_wait,
             guest_traps,
             cut_responses,
             open_connections,
@@ -272,6 +281,10 @@ impl StepObserver for Metrics {
 impl PluginObserver for Metrics {
     fn instantiated(&self, plugin: &str, took: Duration) {
         self.instantiation.get_or_create(&PluginLabel { plugin: plugin.to_string() }).observe(took.as_secs_f64());
+    }
+
+    fn slots_acquired(&self, plugin: &str, waited: Duration) {
+        self.slot_wait.get_or_create(&PluginLabel { plugin: plugin.to_string() }).observe(waited.as_secs_f64());
     }
 
     fn trapped(&self, plugin: &str, kind: &TrapKind) {

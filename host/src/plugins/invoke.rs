@@ -178,9 +178,11 @@ impl PluginRuntime {
         let deadline_after = Duration::from_millis(plugin.manifest.deadline_ms);
         let deadline = Instant::now() + deadline_after;
         // Wait in line for the pool slots this component takes (the pool is shared by all plugins).
+        let waiting = Instant::now();
         let slots = tokio::time::timeout_at(deadline.into(), self.slots.acquire(plugin.needs))
             .await
             .map_err(|_| InvokeError::PoolFull { plugin: name.clone(), deadline: deadline_after })?;
+        self.observer.slots_acquired(&name, waiting.elapsed());
         let m = &plugin.manifest;
         let memory_bytes = usize::try_from(m.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         // Every handle a guest holds (errors, graphs, tensors, streams) is host memory: bound

@@ -34,6 +34,8 @@ use registry::Loader;
 /// Observes plugin runs; every method has an empty default.
 pub trait PluginObserver: Send + Sync {
     fn instantiated(&self, _plugin: &str, _took: Duration) {}
+    /// Time a request waited for its pool slots (zero unless the pool was full).
+    fn slots_acquired(&self, _plugin: &str, _waited: Duration) {}
     /// Time from the start of a request's instantiation to the guest's first call into
     /// the host (only with [`RuntimeConfig::probe_first_host_call`]).
     fn first_host_call(&self, _plugin: &str, _since_start: Duration) {}
