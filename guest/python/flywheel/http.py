@@ -108,6 +108,8 @@ class Responder:
 
     def __init__(self, out):
         self._out = out
+        # The streams this response opened, so the App can cut one left open.
+        self.streams = []
 
     @property
     def started(self):
@@ -147,7 +149,9 @@ class Responder:
         body = self._start(
             200, [("content-type", "text/event-stream"), ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
         )
-        return SseStream(body)
+        stream = SseStream(body)
+        self.streams.append(stream)
+        return stream
 
 
 class SseStream:
@@ -241,19 +245,9 @@ class App:
 
     def serve(self, request, response_out):
         res = Responder(response_out)
-        sse_streams = []
         try:
             req = _read_request(request)
-            handler = self._find(req)
-            original_sse = res.sse
-
-            def tracked_sse():
-                s = original_sse()
-                sse_streams.append(s)
-                return s
-
-            res.sse = tracked_sse
-            value = handler(req, res)
+            value = self._find(req)(req, res)
             if not res.started:
                 if value is None:
                     raise HttpError(500, "server_error", "the handler sent no response")
@@ -264,10 +258,10 @@ class App:
             err = to_http_error(e)
             if not res.started:
                 res.error(err)
-            for s in sse_streams:
+            for s in res.streams:
                 s.fail(err)
             return
-        for s in sse_streams:
+        for s in res.streams:
             if s.open:
                 # A handler that returned without ending its stream did not finish the answer.
                 s.fail(HttpError(500, "server_error", "the handler returned without ending its stream"))

@@ -218,16 +218,6 @@ impl PluginRuntime {
         &self.config
     }
 
-    /// The pooling allocator's totals.
-    pub fn pool_size(&self) -> PoolSize {
-        self.pool_size
-    }
-
-    /// Core-instance slots free now.
-    pub fn free_core_instance_slots(&self) -> usize {
-        self.slots.free_core_instances()
-    }
-
     /// Rescan the plugin directory and swap in the new set.
     pub async fn reload(&self) -> ReloadReport {
         let mut last = self.reload_lock.lock().await;

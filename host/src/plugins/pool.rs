@@ -55,18 +55,23 @@ impl ComponentNeeds {
         Ok(Self { core_instances, memories: required.num_memories, tables: required.num_tables })
     }
 
-    /// Why the pool can never hold this component, if it cannot.
-    pub fn check_fits(&self) -> Result<(), String> {
+    /// Why a pool of `pool`'s size can never hold this component, if it cannot.
+    pub fn check_fits(&self, pool: &PoolSize) -> Result<(), String> {
         let over = |what: &str, n: u32, max: u32| {
             (n > max).then(|| format!("the component needs {n} {what}; the host allows at most {max} per plugin"))
         };
-        match over("core instances", self.core_instances, MAX_CORE_INSTANCES_PER_COMPONENT)
+        let per_plugin = over("core instances", self.core_instances, MAX_CORE_INSTANCES_PER_COMPONENT)
             .or_else(|| over("linear memories", self.memories, MAX_MEMORIES_PER_COMPONENT))
-            .or_else(|| over("tables", self.tables, MAX_TABLES_PER_COMPONENT))
-        {
-            Some(e) => Err(e),
-            None => Ok(()),
+            .or_else(|| over("tables", self.tables, MAX_TABLES_PER_COMPONENT));
+        if let Some(e) = per_plugin {
+            return Err(e);
         }
+        if self.core_instances > pool.core_instances || self.memories > pool.memories || self.tables > pool.tables {
+            return Err(format!(
+                "the component needs {self:?}, more than the whole pool holds ({pool:?}); raise plugins.max_instances"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -151,10 +156,5 @@ impl SlotBudget {
         let c = take(&self.memories, needs.memories).await;
         let d = take(&self.tables, needs.tables).await;
         Slots { _permits: [a, b, c, d] }
-    }
-
-    /// Core-instance slots free now (for metrics and tests).
-    pub(crate) fn free_core_instances(&self) -> usize {
-        self.core_instances.available_permits()
     }
 }

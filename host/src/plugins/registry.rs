@@ -181,16 +181,7 @@ impl Loader<'_> {
         }
         let (component, from_cache) = self.compile(&bytes, &sha256).await?;
         let needs = ComponentNeeds::of(&bytes, &component)?;
-        needs.check_fits()?;
-        if needs.core_instances > self.pool.core_instances
-            || needs.memories > self.pool.memories
-            || needs.tables > self.pool.tables
-        {
-            return Err(format!(
-                "the component needs {needs:?}, more than the whole pool holds ({:?}); raise plugins.max_instances",
-                self.pool
-            ));
-        }
+        needs.check_fits(&self.pool)?;
         let pre = self
             .linker
             .instantiate_pre(&component)
