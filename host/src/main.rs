@@ -234,6 +234,9 @@ fn load_model(manifest: ModelManifest) -> anyhow::Result<Arc<Model>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    if let Err(e) = flywheel::sys::limit_openmp_spinning() {
+        eprintln!("warning: cannot set GOMP_SPINCOUNT ({e}); llama.cpp's threads keep spinning longer between steps");
+    }
     let cli = Cli::parse();
     if let Command::Serve(args) = cli.command {
         return serve(args);
