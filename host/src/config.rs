@@ -102,6 +102,12 @@ pub struct PluginsConfig {
     /// The largest memory limit a plugin manifest may ask for.
     #[serde(default = "defaults::max_memory_mb")]
     pub max_memory_mb: u64,
+    /// Versions kept per plugin for rollback (the live one always is).
+    #[serde(default = "defaults::keep_versions")]
+    pub keep_versions: usize,
+    /// The largest component the deploy API accepts.
+    #[serde(default = "defaults::max_component_mb")]
+    pub max_component_mb: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -187,6 +193,12 @@ mod defaults {
     pub fn max_memory_mb() -> u64 {
         1024
     }
+    pub fn keep_versions() -> usize {
+        10
+    }
+    pub fn max_component_mb() -> u64 {
+        64
+    }
     pub fn log_format() -> super::LogFormat {
         super::LogFormat::Text
     }
@@ -215,6 +227,8 @@ impl Default for PluginsConfig {
             reload_interval_ms: defaults::reload_interval_ms(),
             max_instances: defaults::max_instances(),
             max_memory_mb: defaults::max_memory_mb(),
+            keep_versions: defaults::keep_versions(),
+            max_component_mb: defaults::max_component_mb(),
         }
     }
 }
@@ -275,6 +289,8 @@ impl Config {
             ("server.write_stall_timeout_ms", s.write_stall_timeout_ms),
             ("plugins.max_instances", u64::from(self.plugins.max_instances)),
             ("plugins.max_memory_mb", self.plugins.max_memory_mb),
+            ("plugins.keep_versions", self.plugins.keep_versions as u64),
+            ("plugins.max_component_mb", self.plugins.max_component_mb),
         ];
         for (key, v) in positive {
             if v == 0 {

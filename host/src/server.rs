@@ -66,10 +66,12 @@ impl Server {
             max_instances: p.max_instances,
             max_memory_mb: p.max_memory_mb,
             probe_first_host_call: false,
+            keep_versions: p.keep_versions,
         };
         let runtime = PluginRuntime::start(engine, runtime_config, metrics.clone(), metrics.clone()).await?;
         runtime.watch();
-        let state = AppState::new(runtime, metrics, config.server.clone(), config.auth.clone());
+        let max_upload = usize::try_from(p.max_component_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let state = AppState::new(runtime, metrics, config.server.clone(), config.auth.clone(), max_upload);
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;

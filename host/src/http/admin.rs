@@ -1,17 +1,27 @@
-//! The admin API, behind the admin key: plugins and models with their state, and reload.
+//! The admin API, behind the admin key: plugins and models with their state, reload, and
+//! deploys (upload, versions, rollback, removal; see `plugins::deploy`).
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use http::{Method, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
 use serde_json::json;
 
-use super::body::ServerBody;
+use super::body::{read_limited, ServerBody};
 use super::errors::ApiError;
 use super::{json_response, AppState};
+use crate::plugins::DeployError;
 
-pub async fn handle(state: &AppState, method: &Method, path: &str) -> Result<Response<ServerBody>, ApiError> {
-    let rest = path.strip_prefix("/admin").unwrap_or(path).trim_end_matches('/');
-    match (method, rest) {
+pub async fn handle(state: &AppState, req: Request<Incoming>) -> Result<Response<ServerBody>, ApiError> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let rest = path.strip_prefix("/admin").unwrap_or(&path).trim_end_matches('/');
+    if let Some(tail) = rest.strip_prefix("/plugins/") {
+        if let Some(resp) = deploys(state, &method, tail, req).await? {
+            return Ok(resp);
+        }
+    }
+    match (&method, rest) {
         (&Method::GET, "/plugins") => Ok(json_response(StatusCode::OK, plugins(state))),
         (&Method::GET, "/models") => Ok(json_response(StatusCode::OK, models(state))),
         (&Method::POST, "/reload") => {
@@ -56,6 +66,7 @@ fn plugins(state: &AppState) -> serde_json::Value {
                 // What one instance takes from the shared pool.
                 "pool_needs": p.needs,
                 "in_flight": p.in_flight(),
+                "version": p.version,
                 "limits": {
                     "memory_limit_mb": m.memory_limit_mb,
                     "deadline_ms": m.deadline_ms,
@@ -100,4 +111,124 @@ fn models(state: &AppState) -> serde_json::Value {
         })
         .collect();
     json!({ "models": models })
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        let status = match &e {
+            DeployError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            DeployError::NoPlugin(_) | DeployError::Version(crate::plugins::VersionError::Missing { .. }) => {
+                StatusCode::NOT_FOUND
+            }
+            DeployError::Conflict(_) => StatusCode::CONFLICT,
+            DeployError::Version(_) | DeployError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+        ApiError::new(status, kind, e.to_string())
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+}
+
+/// `/admin/plugins/<name>` (PUT: deploy, DELETE: stop serving), `…/versions` (GET),
+/// `…/versions/<n>` (DELETE), `…/rollback` (POST). `None`: not a deploy endpoint.
+async fn deploys(
+    state: &AppState,
+    method: &Method,
+    tail: &str,
+    req: Request<Incoming>,
+) -> Result<Option<Response<ServerBody>>, ApiError> {
+    let parts: Vec<&str> = tail.split('/').collect();
+    let runtime = &state.runtime;
+    let resp = match (method, parts.as_slice()) {
+        (&Method::PUT, [name]) => {
+            let upload = read_upload(state, req).await?;
+            let deployed =
+                runtime.deploy(name, &upload.component, upload.manifest.as_deref(), &upload.deployed_by, "api").await?;
+            json_response(StatusCode::CREATED, json!(deployed))
+        }
+        (&Method::DELETE, [name]) => {
+            runtime.remove(name).await?;
+            json_response(StatusCode::OK, json!({ "plugin": name, "state": "removed" }))
+        }
+        (&Method::GET, [name, "versions"]) => {
+            let (versions, live) = runtime.versions(name);
+            if versions.is_empty() {
+                return Err(DeployError::NoPlugin(name.to_string()).into());
+            }
+            json_response(StatusCode::OK, json!({ "plugin": name, "live": live, "versions": versions }))
+        }
+        (&Method::DELETE, [name, "versions", v]) => {
+            let v: u64 = v.parse().map_err(|_| bad_request(format!("version {v:?} is not a number")))?;
+            runtime.delete_version(name, v).await?;
+            json_response(StatusCode::OK, json!({ "plugin": name, "version": v, "state": "deleted" }))
+        }
+        (&Method::POST, [name, "rollback"]) => {
+            let body = read_limited(req.into_body(), 4096, Duration::from_millis(state.server.body_timeout_ms)).await?;
+            let to = if body.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&body).map_err(|e| bad_request(format!("the body is not JSON: {e}")))?;
+                match &v["version"] {
+                    serde_json::Value::Null => None,
+                    n => Some(n.as_u64().ok_or_else(|| bad_request("\"version\" must be a positive integer"))?),
+                }
+            };
+            let deployed = runtime.rollback(name, to).await?;
+            json_response(StatusCode::OK, json!(deployed))
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(resp))
+}
+
+/// A deploy upload: `multipart/form-data` with a `component` part (the `.wasm`), an
+/// optional `manifest` part (TOML) and an optional `deployed_by` part.
+struct Upload {
+    component: Vec<u8>,
+    manifest: Option<String>,
+    deployed_by: String,
+}
+
+async fn read_upload(state: &AppState, req: Request<Incoming>) -> Result<Upload, ApiError> {
+    let content_type = req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let boundary = multer::parse_boundary(content_type).map_err(|_| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "send the plugin as multipart/form-data with a \"component\" part (and optionally \"manifest\")",
+        )
+    })?;
+    let limit = state.max_upload_bytes;
+    let body =
+        read_limited(req.into_body(), limit, Duration::from_millis(state.server.body_timeout_ms.max(60_000))).await?;
+    let stream = http_body_util::BodyDataStream::new(http_body_util::Full::new(body));
+    let mut form = multer::Multipart::new(stream, boundary);
+    let (mut component, mut manifest, mut deployed_by) = (None, None, None);
+    let bad = |e: multer::Error| bad_request(format!("malformed multipart body: {e}"));
+    while let Some(field) = form.next_field().await.map_err(bad)? {
+        let name = field.name().unwrap_or("").to_string();
+        let bytes = field.bytes().await.map_err(bad)?;
+        let text = |what: &str| {
+            String::from_utf8(bytes.to_vec()).map_err(|_| bad_request(format!("the {what} part is not UTF-8")))
+        };
+        match name.as_str() {
+            "component" => component = Some(bytes.to_vec()),
+            "manifest" => manifest = Some(text("manifest")?),
+            "deployed_by" => deployed_by = Some(text("deployed_by")?),
+            other => {
+                return Err(bad_request(format!("unknown part {other:?}: expected component, manifest, deployed_by")))
+            }
+        }
+    }
+    let component = component.ok_or_else(|| bad_request("the upload has no \"component\" part"))?;
+    let deployed_by =
+        deployed_by.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).unwrap_or_else(|| "admin".into());
+    if deployed_by.len() > 128 {
+        return Err(bad_request("deployed_by is longer than 128 characters"));
+    }
+    Ok(Upload { component, manifest, deployed_by })
 }

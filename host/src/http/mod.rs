@@ -27,6 +27,8 @@ pub use conn::{serve, ConnLimits};
 pub use errors::ApiError;
 
 pub const REQUEST_ID: &str = "x-request-id";
+/// The version of the plugin that served a response (see `GET /admin/plugins/<name>/versions`).
+pub const PLUGIN_VERSION: &str = "x-flywheel-plugin-version";
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -34,6 +36,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub server: ServerConfig,
     pub auth: AuthConfig,
+    /// The largest deploy upload (component and manifest together).
+    pub max_upload_bytes: usize,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
     next_id: AtomicU64,
@@ -46,8 +50,10 @@ impl AppState {
         metrics: Arc<Metrics>,
         server: ServerConfig,
         auth: AuthConfig,
+        max_upload_bytes: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
+            max_upload_bytes,
             slots: Arc::new(Semaphore::new(server.max_in_flight)),
             runtime,
             metrics,
@@ -111,7 +117,6 @@ async fn route(
     started: Instant,
 ) -> (Response<ServerBody>, Option<String>) {
     let path = req.uri().path().to_string();
-    let method = req.method().clone();
     let result = match path.as_str() {
         "/healthz" if state.runtime.engine().is_alive() => Ok(json_response(StatusCode::OK, json!({ "status": "ok" }))),
         "/healthz" => {
@@ -129,7 +134,7 @@ async fn route(
         p if p == "/admin" || p.starts_with("/admin/") => match &state.auth.admin_key {
             None => Err(ApiError::not_found("the admin API is off: set auth.admin_key")),
             Some(key) => match auth::check(req.headers(), std::iter::once(key)) {
-                Ok(()) => admin::handle(state, &method, &path).await,
+                Ok(()) => admin::handle(state, req).await,
                 Err(e) => Err(e),
             },
         },
@@ -255,7 +260,10 @@ async fn serve_plugin(
             let status = resp.status().as_u16();
             let metrics = state.metrics.clone();
             let plugin_name = name.clone();
-            let (parts, b) = resp.into_parts();
+            let (mut parts, b) = resp.into_parts();
+            if let Some(v) = plugin.version.as_ref().and_then(|v| HeaderValue::from_str(&v.version.to_string()).ok()) {
+                parts.headers.insert(PLUGIN_VERSION, v);
+            }
             let inner = b.map_err(|e| Box::new(e) as body::BoxError).boxed_unsync();
             // Recorded when the body is done (or the client left): streaming included.
             let tracked = ResponseBody::new(inner, &parts.headers, slot, move |ending, _slot| {

@@ -7,11 +7,13 @@
 //! hosts its manifest allows. The directory is watched; a reload swaps the whole set
 //! atomically.
 
+mod deploy;
 mod invoke;
 mod manifest;
 mod pool;
 mod registry;
 mod store;
+mod versions;
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -20,16 +22,19 @@ use std::time::Duration;
 use wasmtime::component::Linker;
 use wasmtime::{Config, InstanceAllocationStrategy};
 
+pub use deploy::{DeployError, Deployed};
 pub use invoke::{BodyError, InvokeError, PluginBody, TrapKind};
 pub use manifest::{PluginManifest, RESERVED_PREFIXES};
 pub use pool::{ComponentNeeds, PoolSize};
 pub use registry::{Plugin, PluginFailure, PluginSet};
 pub use store::PluginState;
+pub use versions::{VersionError, VersionInfo, VERSIONS_DIR};
 
 use crate::engine::Engine;
 use crate::nn::NnObserver;
 use pool::SlotBudget;
 use registry::Loader;
+use versions::VersionStore;
 
 /// Observes plugin runs; every method has an empty default.
 pub trait PluginObserver: Send + Sync {
@@ -55,6 +60,8 @@ pub struct RuntimeConfig {
     pub max_memory_mb: u64,
     /// Report each request's time to its first host call (a store call hook; for benches).
     pub probe_first_host_call: bool,
+    /// Versions kept per plugin (the live one always is).
+    pub keep_versions: usize,
 }
 
 impl RuntimeConfig {
@@ -66,6 +73,7 @@ impl RuntimeConfig {
             max_instances: 256,
             max_memory_mb: 1024,
             probe_first_host_call: false,
+            keep_versions: 10,
         }
     }
 }
@@ -89,6 +97,8 @@ pub struct PluginRuntime {
     /// The pool's free slots; each request takes what its plugin's component needs.
     pub(crate) slots: SlotBudget,
     pool_size: PoolSize,
+    /// Every component that went live, by number.
+    versions: VersionStore,
     /// Stops the epoch thread when the runtime goes away.
     _ticker: EpochTicker,
 }
@@ -149,6 +159,7 @@ pub async fn check_plugin(path: &std::path::Path, config: &RuntimeConfig) -> Res
         cache_dir: config.cache_dir.as_deref(),
         max_memory_mb: config.max_memory_mb,
         pool: PoolSize::for_instances(config.max_instances),
+        versions: None,
     };
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
     let started = std::time::Instant::now();
@@ -186,6 +197,7 @@ impl PluginRuntime {
             })?;
         }
         let pool_size = PoolSize::for_instances(config.max_instances);
+        let versions = VersionStore::new(&config.plugin_dir, config.keep_versions);
         let runtime = Arc::new(Self {
             wasm,
             linker,
@@ -197,6 +209,7 @@ impl PluginRuntime {
             nn_observer,
             slots: SlotBudget::new(pool_size),
             pool_size,
+            versions,
             _ticker: EpochTicker { stop },
         });
         let report = runtime.reload().await;
@@ -220,17 +233,15 @@ impl PluginRuntime {
 
     /// Rescan the plugin directory and swap in the new set.
     pub async fn reload(&self) -> ReloadReport {
-        let mut last = self.reload_lock.lock().await;
-        *last = registry::fingerprint(&self.config.plugin_dir);
+        let mut seen = self.reload_lock.lock().await;
+        self.reload_locked(&mut seen).await
+    }
+
+    /// `reload` for a caller that holds the reload lock (its guarded fingerprint is `seen`).
+    async fn reload_locked(&self, seen: &mut u64) -> ReloadReport {
+        *seen = registry::fingerprint(&self.config.plugin_dir);
         let old = self.plugins();
-        let loader = Loader {
-            wasm: &self.wasm,
-            linker: &self.linker,
-            cache_dir: self.config.cache_dir.as_deref(),
-            max_memory_mb: self.config.max_memory_mb,
-            pool: self.pool_size,
-        };
-        let set = loader.load_dir(&self.config.plugin_dir, &old).await;
+        let set = self.loader(true).load_dir(&self.config.plugin_dir, &old).await;
         let report = ReloadReport { loaded: set.plugins.keys().cloned().collect(), failed: set.failures.clone() };
         match self.current.write() {
             Ok(mut cur) => *cur = Arc::new(set),

@@ -15,6 +15,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use super::manifest::PluginManifest;
 use super::pool::{ComponentNeeds, PoolSize};
 use super::store::PluginState;
+use super::versions::{sha256_hex, VersionInfo, VersionStore};
 use crate::nn::AllowedModels;
 
 /// A plugin ready to serve: compiled, linked and with its limits.
@@ -28,6 +29,8 @@ pub struct Plugin {
     pub from_cache: bool,
     /// What one instance takes from the pool.
     pub needs: ComponentNeeds,
+    /// The recorded version serving (none when loaded without a version store).
+    pub version: Option<VersionInfo>,
     pub(crate) pre: ProxyPre<PluginState>,
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) allowed_models: AllowedModels,
@@ -59,6 +62,11 @@ pub struct PluginSet {
 }
 
 impl PluginSet {
+    /// The plugin that declares exactly this route prefix.
+    pub(crate) fn route_owner(&self, route: &str) -> Option<&str> {
+        self.routes.iter().find(|(p, _)| p == route).map(|(_, owner)| owner.as_str())
+    }
+
     /// The plugin serving `path`: `/fn/<name>[/...]` or a manifest route prefix.
     pub fn route(&self, path: &str) -> Option<&Arc<Plugin>> {
         if let Some(rest) = path.strip_prefix("/fn/") {
@@ -81,10 +89,12 @@ pub(crate) struct Loader<'a> {
     pub max_memory_mb: u64,
     /// The pool's totals: a component that needs more than these can never run.
     pub pool: PoolSize,
+    /// Where each component loaded from the directory is recorded as a version.
+    pub versions: Option<&'a VersionStore>,
 }
 
 /// Plugin names become URL segments: keep them boring.
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
@@ -159,10 +169,14 @@ impl Loader<'_> {
             return Err(format!("plugin file name {name:?} must use only ASCII letters, digits, '-' and '_'"));
         }
         let manifest_path = path.with_extension("toml");
-        let manifest = match std::fs::read_to_string(&manifest_path) {
-            Ok(text) => PluginManifest::parse(&text, &manifest_path)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PluginManifest::default(),
+        let manifest_text = match std::fs::read_to_string(&manifest_path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(format!("{}: {e}", manifest_path.display())),
+        };
+        let manifest = match &manifest_text {
+            Some(text) => PluginManifest::parse(text, &manifest_path)?,
+            None => PluginManifest::default(),
         };
         if manifest.memory_limit_mb > self.max_memory_mb {
             return Err(format!(
@@ -175,7 +189,13 @@ impl Loader<'_> {
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
         if let Some(p) = old.plugins.get(name) {
-            if p.sha256 == sha256 && p.manifest == manifest {
+            let same_version = match (&p.version, self.versions) {
+                (Some(v), Some(_)) => {
+                    v.manifest_sha256 == sha256_hex(manifest_text.as_deref().unwrap_or("").as_bytes())
+                }
+                _ => true,
+            };
+            if p.sha256 == sha256 && p.manifest == manifest && same_version {
                 return Ok(p.clone());
             }
         }
@@ -187,6 +207,15 @@ impl Loader<'_> {
             .instantiate_pre(&component)
             .map_err(|e| format!("cannot link: {e:#} (the plugin imports something the host does not provide)"))?;
         let pre = ProxyPre::new(pre).map_err(|e| format!("not a wasi:http/proxy component: {e:#}"))?;
+        // Recorded once it is known to load; a deploy recorded it already (with its deployer).
+        let version = match self.versions {
+            Some(store) => Some(
+                store
+                    .record(name, &bytes, manifest_text.as_deref(), "directory", "directory")
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
         let allowed_models = match &manifest.models {
             None => AllowedModels::All,
             Some(list) => AllowedModels::Only(list.clone().into()),
@@ -195,6 +224,7 @@ impl Loader<'_> {
             plugin = %name,
             sha256 = %&sha256[..12],
             from_cache,
+            version = version.as_ref().map_or(0, |v| v.version),
             core_instances = needs.core_instances,
             memories = needs.memories,
             tables = needs.tables,
@@ -211,6 +241,7 @@ impl Loader<'_> {
             loaded_at: SystemTime::now(),
             from_cache,
             needs,
+            version,
             pre,
         }))
     }
