@@ -121,7 +121,8 @@ async fn deploys_swap_atomically_and_roll_back() {
             deploy(
                 &s,
                 "swap",
-                &wat::parse_str(r#"(component (import "example:missing/thing@1.0.0" (instance (export "f" (func)))))"#).unwrap(),
+                &wat::parse_str(r#"(component (import "example:missing/thing@1.0.0" (instance (export "f" (func)))))"#)
+                    .unwrap(),
                 None,
             )
             .await,
@@ -148,7 +149,11 @@ async fn deploys_swap_atomically_and_roll_back() {
         409,
         "no kept version before",
     );
-    assert_refused(&admin(&s, http::Method::POST, "/admin/plugins/swap/rollback", r#"{"version": 9}"#).await, 404, "no version 9");
+    assert_refused(
+        &admin(&s, http::Method::POST, "/admin/plugins/swap/rollback", r#"{"version": 9}"#).await,
+        404,
+        "no version 9",
+    );
     // Deploying what a kept version holds re-activates that version, no new number.
     assert_eq!(deploy(&s, "swap", &hostile(), Some(&manifest("3"))).await.json()["version"]["version"], 3);
     let r = admin(&s, http::Method::POST, "/admin/plugins/swap/rollback", "").await;

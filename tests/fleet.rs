@@ -223,3 +223,149 @@ async fn soak_3000_requests() {
 async fn soak_10000_requests() {
     check_soak(std::env::var("FLYWHEEL_SOAK_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)).await;
 }
+
+/// One completion through `url`: its status and the plugin version that served it.
+async fn served_version(client: &HttpClient, url: &str) -> (u16, String) {
+    let req = http::Request::post(format!("{url}/fn/complete"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"model": "tiny", "prompt": "hi", "max_tokens": 3}"#)))
+        .expect("request");
+    match client.request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let version = resp
+                .headers()
+                .get("x-flywheel-plugin-version")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_string();
+            let _ = resp.into_body().collect().await;
+            (status, version)
+        }
+        Err(e) => (0, format!("broken: {e}")),
+    }
+}
+
+/// `flywheel deploy …` as a user runs it; returns its table.
+async fn deploy_cli(args: Vec<String>) -> String {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flywheel")).arg("deploy").args(&args).output()
+    })
+    .await
+    .unwrap()
+    .expect("run flywheel deploy");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "flywheel deploy failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_deploy_and_rollback_under_load_fail_no_request() {
+    let Some(nginx) = nginx_binary() else {
+        assert!(std::env::var_os("FLYWHEEL_REQUIRE_NGINX").is_none(), "nginx is required but not installed");
+        eprintln!("skipped: nginx is not installed (scripts/test.sh installs it)");
+        return;
+    };
+    let nodes = [spawn_node("deploy-a", 8, ""), spawn_node("deploy-b", 8, "")];
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let port = free_port();
+    let mut proxy = spawn_nginx(&nginx, port, &[nodes[0].port, nodes[1].port]);
+    let url = format!("http://127.0.0.1:{port}");
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let until = Instant::now() + Duration::from_secs(20);
+    while served_version(&client, &url).await.0 != 200 {
+        assert!(Instant::now() < until, "nginx never came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Steady load through nginx: (sent at, status, version) for every request.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let load: Vec<_> = (0..3)
+        .map(|_| {
+            let (client, url, stop) = (client.clone(), url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = t0.elapsed();
+                    let (status, version) = served_version(&client, &url).await;
+                    seen.push((sent, t0.elapsed(), status, version));
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let dir = support::scratch_dir("fleet-deploy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("complete-v2.toml");
+    std::fs::write(&manifest, "max_concurrency = 512\n[config]\nRELEASE = \"2\"\n").unwrap();
+    let to = format!("{},{}", nodes[0].url(), nodes[1].url());
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(["--to".into(), to.clone(), "--admin-key".into(), "admin".into(), "--name".into(), "complete".into()]);
+        v
+    };
+    let wasm = support::server::guest_wasm("complete").display().to_string();
+    let deploy_started = t0.elapsed();
+    let table = deploy_cli(common(&[&wasm, "--manifest", &manifest.display().to_string(), "--json"])).await;
+    let deploy_done = t0.elapsed();
+    for line in table.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            (v["status"].as_u64(), v["version"].as_u64(), v["previous"].as_u64()),
+            (Some(201), Some(2), Some(1)),
+            "{v}"
+        );
+    }
+    assert_eq!(table.lines().count(), 2, "{table}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let rollback_started = t0.elapsed();
+    let table = deploy_cli(common(&["complete", "--rollback", "1"])).await;
+    let rollback_done = t0.elapsed();
+    assert!(table.lines().skip(1).all(|l| l.split_whitespace().nth(2) == Some("1")), "{table}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut seen = Vec::new();
+    for l in load {
+        seen.extend(l.await.unwrap());
+    }
+    let failed: Vec<_> = seen.iter().filter(|(_, _, status, _)| *status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        seen.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // Each phase served by its version; requests that overlapped a switch may see either.
+    let phase = |from: Duration, to: Duration| -> Vec<&str> {
+        seen.iter().filter(|(sent, done, _, _)| *sent >= from && *done <= to).map(|(_, _, _, v)| v.as_str()).collect()
+    };
+    let before = phase(Duration::ZERO, deploy_started);
+    let during_v2 = phase(deploy_done, rollback_started);
+    let after = phase(rollback_done, Duration::MAX);
+    for (name, versions, want) in [("before", &before, "1"), ("v2", &during_v2, "2"), ("after", &after, "1")] {
+        assert!(versions.len() >= 3, "too few requests {name}: {}", versions.len());
+        assert!(versions.iter().all(|v| *v == want), "{name}: {versions:?}");
+    }
+    eprintln!(
+        "fleet deploy: {} requests, 0 failed; v1 {} before, v2 {} between, v1 {} after; deploy {:?}, rollback {:?}",
+        seen.len(),
+        before.len(),
+        during_v2.len(),
+        after.len(),
+        deploy_done - deploy_started,
+        rollback_done - rollback_started
+    );
+    // And each node directly serves what the fleet was rolled back to.
+    for n in &nodes {
+        assert_eq!(served_version(&client, &n.url()).await, (200, "1".into()));
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}

@@ -60,6 +60,8 @@ async fn readme_examples_work_as_written() {
     config.models.dir = model.file.parent().unwrap().parent().unwrap().to_path_buf();
     config.plugins.dir = plugins;
     config.plugins.cache_dir = support::polyglot::cache_dir();
+    // The deploy examples use the admin key flywheel.example.toml suggests.
+    config.auth.admin_key = Some("change-me".into());
     let server = Server::start(config).await.unwrap();
     let base = format!("http://{}", server.addr);
 
@@ -69,7 +71,9 @@ async fn readme_examples_work_as_written() {
     for cmd in commands {
         let cmd = cmd.replace("http://127.0.0.1:8080", &base);
         let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new("sh").arg("-c").arg(&cmd).output().map(|o| (cmd, o))
+            // From the repository root, where the README's paths start.
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            std::process::Command::new("sh").arg("-c").arg(&cmd).current_dir(root).output().map(|o| (cmd, o))
         })
         .await
         .unwrap()

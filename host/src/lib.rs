@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod nn;
