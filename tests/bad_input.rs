@@ -82,8 +82,8 @@ async fn every_bad_request_gets_a_clear_json_error() {
         "UTF-8",
     )
     .await;
-    // 10 MB: the server answers 413 as soon as it sees the length and stops reading, so
-    // send it over a raw connection that keeps reading after its writes fail (as curl does).
+    // 10 MB: the server reads a bounded amount past the limit, answers 413 and stops reading;
+    // a raw connection that keeps reading after its writes fail (as curl does) sees it.
     let response = raw_post(&s, chat, &vec![b' '; 10 << 20]).await;
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("larger than the limit"), "{response}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 
 use super::errors::ApiError;
@@ -28,22 +28,56 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let collect = Limited::new(body, limit).collect();
+    let mut body = std::pin::pin!(body);
+    let mut read = bytes::BytesMut::new();
+    let collect = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                let e: BoxError = e.into();
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    format!("cannot read the request body: {e}"),
+                )
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if read.len() + data.len() > limit {
+                    return Ok(false);
+                }
+                read.extend_from_slice(&data);
+            }
+        }
+        Ok::<bool, ApiError>(true)
+    };
     match tokio::time::timeout(timeout, collect).await {
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
             format!("the request body did not arrive within {} ms", timeout.as_millis()),
         )),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large(limit)),
-        Ok(Err(e)) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            format!("cannot read the request body: {e}"),
-        )),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(true)) => Ok(read.freeze()),
+        Ok(Ok(false)) => {
+            // Read (and drop) a bounded amount more before answering: a client still sending
+            // when the connection closes may never see the 413 (hyper does no lingering close).
+            let mut drained = 0usize;
+            let drain = async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    drained += frame.data_ref().map_or(0, Bytes::len);
+                    if drained > limit.saturating_mul(4).max(MIN_DRAIN_BYTES) {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+            Err(too_large(limit))
+        }
     }
 }
+
+/// How much of an oversized body is read before the 413 goes out, at most.
+const MIN_DRAIN_BYTES: usize = 16 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 pub fn too_large(limit: usize) -> ApiError {
     ApiError::new(
