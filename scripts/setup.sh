@@ -8,8 +8,8 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # llama.cpp builds with cmake and make; bindgen needs libclang; the model fetcher and the
-# tests' OpenAI client run on python3 with pip.
-packages=(build-essential cmake clang libclang-dev pkg-config curl)
+# tests' OpenAI client run on python3 with pip; the registry client's TLS links OpenSSL.
+packages=(build-essential cmake clang libclang-dev pkg-config curl libssl-dev)
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
   packages+=(python3 python3-pip)
 fi

@@ -25,6 +25,15 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
 fi
 export FLYWHEEL_REQUIRE_NGINX=1
 
+# The OCI test pushes to and pulls from Debian's docker-registry (distribution 2.8) on loopback.
+if ! command -v docker-registry >/dev/null 2>&1; then
+  echo "setup: installing docker-registry"
+  SUDO=""; if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-registry >/dev/null
+fi
+export FLYWHEEL_REQUIRE_REGISTRY=1
+
 # Python and JavaScript plugins build with pinned componentize-py and componentize-js.
 bash scripts/plugin-toolchains.sh py js
 

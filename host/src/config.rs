@@ -20,6 +20,10 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// OCI registries plugins are pushed to and pulled from (`[[registries]]`); a registry
+    /// not listed is used anonymously over HTTPS.
+    #[serde(default)]
+    pub registries: Vec<RegistryConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -108,6 +112,51 @@ pub struct PluginsConfig {
     /// The largest component the deploy API accepts.
     #[serde(default = "defaults::max_component_mb")]
     pub max_component_mb: u64,
+    /// Plugins pulled from an OCI registry and deployed at start (`[[plugins.pull]]`).
+    #[serde(default)]
+    pub pull: Vec<PluginPull>,
+}
+
+/// One plugin to pull at start.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginPull {
+    pub name: String,
+    /// `registry/repository@sha256:…` (a tag works too, and is pinned when pulled).
+    pub reference: String,
+}
+
+/// How to reach one OCI registry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The registry as references name it: `ghcr.io`, `registry.internal:5000`.
+    pub host: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The password or token; prefer `password_env`, which keeps it out of the file.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// An environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Plain HTTP instead of HTTPS (a registry on loopback or a private network only).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+impl RegistryConfig {
+    /// The password, from the file or the environment variable `password_env` names.
+    pub fn password(&self) -> Result<Option<String>, String> {
+        match (&self.password, &self.password_env) {
+            (Some(_), Some(_)) => Err(format!("registry {}: set password or password_env, not both", self.host)),
+            (Some(p), None) => Ok(Some(p.clone())),
+            (None, Some(var)) => std::env::var(var).map(Some).map_err(|_| {
+                format!("registry {}: the environment variable {var} (password_env) is not set", self.host)
+            }),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -229,6 +278,7 @@ impl Default for PluginsConfig {
             max_memory_mb: defaults::max_memory_mb(),
             keep_versions: defaults::keep_versions(),
             max_component_mb: defaults::max_component_mb(),
+            pull: Vec::new(),
         }
     }
 }
@@ -337,5 +387,20 @@ mod tests {
     fn the_example_config_parses() {
         let text = include_str!("../../flywheel.example.toml");
         Config::parse(text).unwrap();
+    }
+
+    #[test]
+    fn the_kubernetes_config_map_parses() {
+        // The `flywheel.toml: |` block of the ConfigMap, its YAML indentation removed.
+        let yaml = include_str!("../../deploy/kubernetes/flywheel.yaml");
+        let block: String = yaml
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("flywheel.toml: |"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    "))
+            .map(|l| format!("{}\n", &l[4..]))
+            .collect();
+        let config = Config::parse(&block).unwrap();
+        assert_eq!((config.plugins.pull.len(), config.registries.len()), (1, 1), "{block}");
     }
 }

@@ -151,6 +151,28 @@ impl Fleet {
         in_parallel(calls).await
     }
 
+    /// Have every node pull `reference` (pinned by digest, so all pull the same bytes) and
+    /// deploy it as `name`; `manifest` overrides the one the artifact carries.
+    pub async fn deploy_reference(
+        &self,
+        nodes: &[String],
+        name: &str,
+        reference: &str,
+        manifest: Option<&str>,
+        deployed_by: &str,
+    ) -> Vec<NodeOutcome> {
+        let body =
+            serde_json::json!({ "oci": reference, "manifest": manifest, "deployed_by": deployed_by }).to_string();
+        let calls = nodes.iter().map(|node| {
+            let req = self
+                .authorized(self.client.put(format!("{node}/admin/plugins/{name}")))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            outcome(node.clone(), req)
+        });
+        in_parallel(calls).await
+    }
+
     /// Roll every node back to `version` (the version before each node's live one when `None`).
     pub async fn rollback(&self, nodes: &[String], name: &str, version: Option<u64>) -> Vec<NodeOutcome> {
         let body = serde_json::json!({ "version": version }).to_string();

@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod nn;
+pub mod oci;
 pub mod plugins;
 pub mod server;
 pub mod sys;

@@ -40,8 +40,9 @@ enum Command {
 
 #[derive(Args)]
 struct DeployArgs {
-    /// The component (`<name>.wasm`, its `<name>.toml` beside it is the manifest) or a folder
-    /// holding one; with `--rollback`, the plugin's name.
+    /// The component (`<name>.wasm`, its `<name>.toml` beside it is the manifest), a folder
+    /// holding one, or `oci://<registry>/<repo>:<tag>` (each node pulls it, pinned by
+    /// digest); with `--rollback`, the plugin's name.
     plugin: PathBuf,
     /// Manifest to deploy with the component (instead of the `.toml` beside it).
     #[arg(long)]
@@ -67,6 +68,10 @@ struct DeployArgs {
     /// Seconds to wait for each node.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
+    /// Configuration file whose `[[registries]]` resolve an `oci://` reference (default:
+    /// ./flywheel.toml if present).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -86,6 +91,21 @@ enum PluginCommand {
         cache_dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Push a plugin to an OCI registry as a Wasm artifact (the layout `wkg` and Spin use),
+    /// its manifest as an annotation; prints the reference pinned by digest.
+    Push {
+        /// The component (`<name>.wasm`, with `<name>.toml` beside it if it has a manifest).
+        wasm: PathBuf,
+        /// Where to: `<registry>/<repository>:<tag>` (`oci://` optional).
+        reference: String,
+        /// Manifest to push instead of the `.toml` beside the component.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Configuration file whose `[[registries]]` give auth and transport (default:
+        /// ./flywheel.toml if present).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -290,6 +310,9 @@ fn main() -> anyhow::Result<()> {
         Command::Plugin(PluginCommand::Check { wasm, config, cache_dir, json }) => {
             small_runtime()?.block_on(check_plugin(&wasm, config.as_deref(), cache_dir, json))
         }
+        Command::Plugin(PluginCommand::Push { wasm, reference, manifest, config }) => {
+            small_runtime()?.block_on(push_plugin(&wasm, &reference, manifest.as_deref(), config.as_deref()))
+        }
     }
 }
 
@@ -309,11 +332,36 @@ async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
             };
             ("rollback", fleet.rollback(&nodes, &name, version).await)
         }
-        None => {
-            let upload =
-                Upload::from_path(&args.plugin, args.manifest.as_deref(), args.name.as_deref(), &args.deployed_by)?;
-            ("deploy", fleet.deploy(&nodes, &upload).await)
-        }
+        None => match args.plugin.to_str().filter(|p| p.starts_with(flywheel::oci::SCHEME)) {
+            Some(reference) => {
+                // Pinned here, once, so every node pulls the same artifact even if the tag moves.
+                let registries = flywheel::oci::Registries::new(&load_config(args.config.as_deref())?.registries);
+                let pinned = registries.resolve(reference).await?;
+                eprintln!("deploying {pinned}");
+                let name = match &args.name {
+                    Some(n) => n.clone(),
+                    None => flywheel::oci::parse_reference(reference)?
+                        .repository()
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                };
+                let manifest = match &args.manifest {
+                    Some(p) => {
+                        Some(std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?)
+                    }
+                    None => None,
+                };
+                let pinned = format!("{}{pinned}", flywheel::oci::SCHEME);
+                ("deploy", fleet.deploy_reference(&nodes, &name, &pinned, manifest.as_deref(), &args.deployed_by).await)
+            }
+            None => {
+                let upload =
+                    Upload::from_path(&args.plugin, args.manifest.as_deref(), args.name.as_deref(), &args.deployed_by)?;
+                ("deploy", fleet.deploy(&nodes, &upload).await)
+            }
+        },
     };
     let failed = outcomes.iter().filter(|o| !o.ok()).count();
     if args.json {
@@ -336,6 +384,28 @@ async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         }
     }
     anyhow::ensure!(failed == 0, "{action} failed on {failed} of {} nodes", outcomes.len());
+    Ok(())
+}
+
+/// The config a command names, else ./flywheel.toml if present, else the defaults.
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(path) => Config::from_file(path)?,
+        None if Path::new("flywheel.toml").exists() => Config::from_file(Path::new("flywheel.toml"))?,
+        None => Config::default(),
+    })
+}
+
+async fn push_plugin(
+    wasm: &Path,
+    reference: &str,
+    manifest: Option<&Path>,
+    config: Option<&Path>,
+) -> anyhow::Result<()> {
+    let upload = flywheel::fleet::Upload::from_path(wasm, manifest, None, "")?;
+    let registries = flywheel::oci::Registries::new(&load_config(config)?.registries);
+    let pinned = registries.push(reference, upload.component, upload.manifest.as_deref()).await?;
+    println!("{}{pinned}", flywheel::oci::SCHEME);
     Ok(())
 }
 
@@ -375,11 +445,7 @@ async fn check_plugin(
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None if Path::new("flywheel.toml").exists() => Config::from_file(Path::new("flywheel.toml"))?,
-        None => Config::default(),
-    };
+    let mut config = load_config(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }

@@ -71,7 +71,18 @@ impl Server {
         let runtime = PluginRuntime::start(engine, runtime_config, metrics.clone(), metrics.clone()).await?;
         runtime.watch();
         let max_upload = usize::try_from(p.max_component_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
-        let state = AppState::new(runtime, metrics, config.server.clone(), config.auth.clone(), max_upload);
+        let registries = crate::oci::Registries::new(&config.registries);
+        for want in &p.pull {
+            let context = || format!("plugins.pull {:?} ({})", want.name, want.reference);
+            let pulled = registries.pull(&want.reference, max_upload).await.with_context(context)?;
+            let source = format!("{}{}", crate::oci::SCHEME, pulled.pinned);
+            let deployed = runtime
+                .deploy(&want.name, &pulled.component, pulled.manifest.as_deref(), "config", &source)
+                .await
+                .with_context(context)?;
+            tracing::info!(plugin = %want.name, version = deployed.version.version, %source, "plugin pulled");
+        }
+        let state = AppState::new(runtime, metrics, config.server.clone(), config.auth.clone(), max_upload, registries);
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;

@@ -145,8 +145,9 @@ async fn deploys(
     let resp = match (method, parts.as_slice()) {
         (&Method::PUT, [name]) => {
             let upload = read_upload(state, req).await?;
-            let deployed =
-                runtime.deploy(name, &upload.component, upload.manifest.as_deref(), &upload.deployed_by, "api").await?;
+            let deployed = runtime
+                .deploy(name, &upload.component, upload.manifest.as_deref(), &upload.deployed_by, &upload.source)
+                .await?;
             json_response(StatusCode::CREATED, json!(deployed))
         }
         (&Method::DELETE, [name]) => {
@@ -185,21 +186,76 @@ async fn deploys(
     Ok(Some(resp))
 }
 
-/// A deploy upload: `multipart/form-data` with a `component` part (the `.wasm`), an
-/// optional `manifest` part (TOML) and an optional `deployed_by` part.
+/// What a deploy puts live: `multipart/form-data` with a `component` part (the `.wasm`),
+/// an optional `manifest` part (TOML) and an optional `deployed_by` part; or JSON naming
+/// an OCI reference to pull (`{"oci": "registry/repo@sha256:…", "manifest"?, "deployed_by"?}`).
 struct Upload {
     component: Vec<u8>,
     manifest: Option<String>,
     deployed_by: String,
+    /// `api`, or the pinned OCI reference it was pulled from.
+    source: String,
+}
+
+fn checked_deployer(deployed_by: Option<String>) -> Result<String, ApiError> {
+    let deployed_by =
+        deployed_by.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).unwrap_or_else(|| "admin".into());
+    if deployed_by.len() > 128 {
+        return Err(bad_request("deployed_by is longer than 128 characters"));
+    }
+    Ok(deployed_by)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OciDeploy {
+    oci: String,
+    #[serde(default)]
+    manifest: Option<String>,
+    #[serde(default)]
+    deployed_by: Option<String>,
+}
+
+impl From<crate::oci::OciError> for ApiError {
+    fn from(e: crate::oci::OciError) -> Self {
+        match e {
+            crate::oci::OciError::Invalid(m) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", m)
+            }
+            // The registry is upstream of us: its failure (unreachable, refused, bytes that
+            // do not match their digest) is a bad gateway, and nothing was deployed.
+            e @ crate::oci::OciError::Registry(_) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "server_error", e.to_string())
+            }
+        }
+    }
+}
+
+async fn pull_upload(state: &AppState, req: Request<Incoming>) -> Result<Upload, ApiError> {
+    let body = read_limited(req.into_body(), 64 * 1024, Duration::from_millis(state.server.body_timeout_ms)).await?;
+    let ask: OciDeploy = serde_json::from_slice(&body)
+        .map_err(|e| bad_request(format!("expected {{\"oci\": \"<registry>/<repo>:<tag>|@<digest>\"}}: {e}")))?;
+    let deployed_by = checked_deployer(ask.deployed_by)?;
+    let pulled = state.registries.pull(&ask.oci, state.max_upload_bytes).await?;
+    tracing::info!(reference = %ask.oci, pinned = %pulled.pinned, bytes = pulled.component.len(), "pulled plugin");
+    Ok(Upload {
+        component: pulled.component,
+        manifest: ask.manifest.or(pulled.manifest),
+        deployed_by,
+        source: format!("{}{}", crate::oci::SCHEME, pulled.pinned),
+    })
 }
 
 async fn read_upload(state: &AppState, req: Request<Incoming>) -> Result<Upload, ApiError> {
     let content_type = req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if content_type.starts_with("application/json") {
+        return pull_upload(state, req).await;
+    }
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "invalid_request_error",
-            "send the plugin as multipart/form-data with a \"component\" part (and optionally \"manifest\")",
+            "send the plugin as multipart/form-data with a \"component\" part (and optionally \"manifest\"), or JSON {\"oci\": \"<reference>\"}",
         )
     })?;
     let limit = state.max_upload_bytes;
@@ -225,10 +281,6 @@ async fn read_upload(state: &AppState, req: Request<Incoming>) -> Result<Upload,
         }
     }
     let component = component.ok_or_else(|| bad_request("the upload has no \"component\" part"))?;
-    let deployed_by =
-        deployed_by.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).unwrap_or_else(|| "admin".into());
-    if deployed_by.len() > 128 {
-        return Err(bad_request("deployed_by is longer than 128 characters"));
-    }
-    Ok(Upload { component, manifest, deployed_by })
+    let deployed_by = checked_deployer(deployed_by)?;
+    Ok(Upload { component, manifest, deployed_by, source: "api".into() })
 }

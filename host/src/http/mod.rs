@@ -38,6 +38,8 @@ pub struct AppState {
     pub auth: AuthConfig,
     /// The largest deploy upload (component and manifest together).
     pub max_upload_bytes: usize,
+    /// Where deploys by OCI reference pull from.
+    pub registries: crate::oci::Registries,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
     next_id: AtomicU64,
@@ -51,9 +53,11 @@ impl AppState {
         server: ServerConfig,
         auth: AuthConfig,
         max_upload_bytes: usize,
+        registries: crate::oci::Registries,
     ) -> Arc<Self> {
         Arc::new(Self {
             max_upload_bytes,
+            registries,
             slots: Arc::new(Semaphore::new(server.max_in_flight)),
             runtime,
             metrics,
