@@ -161,24 +161,28 @@ impl Fleet {
         manifest: Option<&str>,
         deployed_by: &str,
     ) -> Vec<NodeOutcome> {
-        let body =
-            serde_json::json!({ "oci": reference, "manifest": manifest, "deployed_by": deployed_by }).to_string();
-        let calls = nodes.iter().map(|node| {
-            let req = self
-                .authorized(self.client.put(format!("{node}/admin/plugins/{name}")))
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
-            outcome(node.clone(), req)
-        });
-        in_parallel(calls).await
+        let body = serde_json::json!({ "oci": reference, "manifest": manifest, "deployed_by": deployed_by });
+        self.json_to_all(nodes, reqwest::Method::PUT, &format!("/admin/plugins/{name}"), body).await
     }
 
     /// Roll every node back to `version` (the version before each node's live one when `None`).
     pub async fn rollback(&self, nodes: &[String], name: &str, version: Option<u64>) -> Vec<NodeOutcome> {
-        let body = serde_json::json!({ "version": version }).to_string();
+        let body = serde_json::json!({ "version": version });
+        self.json_to_all(nodes, reqwest::Method::POST, &format!("/admin/plugins/{name}/rollback"), body).await
+    }
+
+    /// The same JSON request to every node at once.
+    async fn json_to_all(
+        &self,
+        nodes: &[String],
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Vec<NodeOutcome> {
+        let body = body.to_string();
         let calls = nodes.iter().map(|node| {
             let req = self
-                .authorized(self.client.post(format!("{node}/admin/plugins/{name}/rollback")))
+                .authorized(self.client.request(method.clone(), format!("{node}{path}")))
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.clone());
             outcome(node.clone(), req)
