@@ -128,10 +128,6 @@ impl From<DeployError> for ApiError {
     }
 }
 
-fn bad_request(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
-}
-
 /// `/admin/plugins/<name>` (PUT: deploy, DELETE: stop serving), `…/versions` (GET),
 /// `…/versions/<n>` (DELETE), `…/rollback` (POST). `None`: not a deploy endpoint.
 async fn deploys(
@@ -162,7 +158,7 @@ async fn deploys(
             json_response(StatusCode::OK, json!({ "plugin": name, "live": live, "versions": versions }))
         }
         (&Method::DELETE, [name, "versions", v]) => {
-            let v: u64 = v.parse().map_err(|_| bad_request(format!("version {v:?} is not a number")))?;
+            let v: u64 = v.parse().map_err(|_| ApiError::bad_request(format!("version {v:?} is not a number")))?;
             runtime.delete_version(name, v).await?;
             json_response(StatusCode::OK, json!({ "plugin": name, "version": v, "state": "deleted" }))
         }
@@ -171,11 +167,13 @@ async fn deploys(
             let to = if body.iter().all(u8::is_ascii_whitespace) {
                 None
             } else {
-                let v: serde_json::Value =
-                    serde_json::from_slice(&body).map_err(|e| bad_request(format!("the body is not JSON: {e}")))?;
+                let v: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
                 match &v["version"] {
                     serde_json::Value::Null => None,
-                    n => Some(n.as_u64().ok_or_else(|| bad_request("\"version\" must be a positive integer"))?),
+                    n => Some(
+                        n.as_u64().ok_or_else(|| ApiError::bad_request("\"version\" must be a positive integer"))?,
+                    ),
                 }
             };
             let deployed = runtime.rollback(name, to).await?;
@@ -201,7 +199,7 @@ fn checked_deployer(deployed_by: Option<String>) -> Result<String, ApiError> {
     let deployed_by =
         deployed_by.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).unwrap_or_else(|| "admin".into());
     if deployed_by.len() > 128 {
-        return Err(bad_request("deployed_by is longer than 128 characters"));
+        return Err(ApiError::bad_request("deployed_by is longer than 128 characters"));
     }
     Ok(deployed_by)
 }
@@ -233,8 +231,9 @@ impl From<crate::oci::OciError> for ApiError {
 
 async fn pull_upload(state: &AppState, req: Request<Incoming>) -> Result<Upload, ApiError> {
     let body = read_limited(req.into_body(), 64 * 1024, Duration::from_millis(state.server.body_timeout_ms)).await?;
-    let ask: OciDeploy = serde_json::from_slice(&body)
-        .map_err(|e| bad_request(format!("expected {{\"oci\": \"<registry>/<repo>:<tag>|@<digest>\"}}: {e}")))?;
+    let ask: OciDeploy = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("expected {{\"oci\": \"<registry>/<repo>:<tag>|@<digest>\"}}: {e}"))
+    })?;
     let deployed_by = checked_deployer(ask.deployed_by)?;
     let pulled = state.registries.pull(&ask.oci, state.max_upload_bytes).await?;
     tracing::info!(reference = %ask.oci, pinned = %pulled.pinned, bytes = pulled.component.len(), "pulled plugin");
@@ -264,23 +263,26 @@ async fn read_upload(state: &AppState, req: Request<Incoming>) -> Result<Upload,
     let stream = http_body_util::BodyDataStream::new(http_body_util::Full::new(body));
     let mut form = multer::Multipart::new(stream, boundary);
     let (mut component, mut manifest, mut deployed_by) = (None, None, None);
-    let bad = |e: multer::Error| bad_request(format!("malformed multipart body: {e}"));
+    let bad = |e: multer::Error| ApiError::bad_request(format!("malformed multipart body: {e}"));
     while let Some(field) = form.next_field().await.map_err(bad)? {
         let name = field.name().unwrap_or("").to_string();
         let bytes = field.bytes().await.map_err(bad)?;
         let text = |what: &str| {
-            String::from_utf8(bytes.to_vec()).map_err(|_| bad_request(format!("the {what} part is not UTF-8")))
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| ApiError::bad_request(format!("the {what} part is not UTF-8")))
         };
         match name.as_str() {
             "component" => component = Some(bytes.to_vec()),
             "manifest" => manifest = Some(text("manifest")?),
             "deployed_by" => deployed_by = Some(text("deployed_by")?),
             other => {
-                return Err(bad_request(format!("unknown part {other:?}: expected component, manifest, deployed_by")))
+                return Err(ApiError::bad_request(format!(
+                    "unknown part {other:?}: expected component, manifest, deployed_by"
+                )))
             }
         }
     }
-    let component = component.ok_or_else(|| bad_request("the upload has no \"component\" part"))?;
+    let component = component.ok_or_else(|| ApiError::bad_request("the upload has no \"component\" part"))?;
     let deployed_by = checked_deployer(deployed_by)?;
     Ok(Upload { component, manifest, deployed_by, source: "api".into() })
 }

@@ -34,11 +34,7 @@ where
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 let e: BoxError = e.into();
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    format!("cannot read the request body: {e}"),
-                )
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
             })?;
             if let Ok(data) = frame.into_data() {
                 if read.len() + data.len() > limit {

@@ -29,6 +29,10 @@ impl ApiError {
         self
     }
 
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
     }
@@ -87,7 +91,7 @@ impl From<&InvokeError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", message)
                     .retry_after(Duration::from_secs(1))
             }
-            InvokeError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", m.clone()),
+            InvokeError::BadRequest(m) => ApiError::bad_request(m.clone()),
         }
     }
 }

@@ -69,10 +69,14 @@ impl PluginRuntime {
         }
     }
 
+    /// The version of `name` serving now.
+    fn live_version(&self, name: &str) -> Option<u64> {
+        self.plugins().plugins.get(name).and_then(|p| p.version.as_ref().map(|v| v.version))
+    }
+
     /// The kept versions of a plugin (oldest first) and the one serving now.
     pub fn versions(&self, name: &str) -> (Vec<VersionInfo>, Option<u64>) {
-        let live = self.plugins().plugins.get(name).and_then(|p| p.version.as_ref().map(|v| v.version));
-        (self.versions.list(name), live)
+        (self.versions.list(name), self.live_version(name))
     }
 
     /// Validate and link `component` with `manifest`, record it as a new version and make
@@ -91,9 +95,8 @@ impl PluginRuntime {
             )));
         }
         let mut seen = self.reload_lock.lock().await;
-        let current = self.plugins();
-        let previous = current.plugins.get(name).and_then(|p| p.version.as_ref().map(|v| v.version));
-        self.validate(name, component, manifest, &current).await?;
+        let previous = self.live_version(name);
+        self.validate(name, component, manifest, &self.plugins()).await?;
         let version = self.versions.record(name, component, manifest, deployed_by, source)?;
         self.activate(name, component, manifest, &mut seen).await?;
         tracing::info!(plugin = name, version = version.version, ?previous, deployed_by, source, "plugin deployed");
@@ -103,10 +106,7 @@ impl PluginRuntime {
     /// Make a kept version live again (the version before the live one when `None`).
     pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<Deployed, DeployError> {
         let mut seen = self.reload_lock.lock().await;
-        let (list, live) = {
-            let set = self.plugins();
-            (self.versions.list(name), set.plugins.get(name).and_then(|p| p.version.as_ref().map(|v| v.version)))
-        };
+        let (list, live) = self.versions(name);
         if list.is_empty() {
             return Err(DeployError::NoPlugin(name.to_string()));
         }
@@ -120,9 +120,8 @@ impl PluginRuntime {
             }
         };
         let (bytes, manifest) = self.versions.contents(name, target)?;
-        let current = self.plugins();
         // Kept versions loaded once, but the host (its pool, its routes) may have changed since.
-        self.validate(name, &bytes, manifest.as_deref(), &current).await?;
+        self.validate(name, &bytes, manifest.as_deref(), &self.plugins()).await?;
         self.activate(name, &bytes, manifest.as_deref(), &mut seen).await?;
         let version = self.versions.get(name, target)?;
         tracing::info!(plugin = name, version = target, previous = ?live, "plugin rolled back");
@@ -146,8 +145,7 @@ impl PluginRuntime {
     /// Delete a kept version that is not serving.
     pub async fn delete_version(&self, name: &str, version: u64) -> Result<(), DeployError> {
         let _seen = self.reload_lock.lock().await;
-        let live = self.plugins().plugins.get(name).and_then(|p| p.version.as_ref().map(|v| v.version));
-        if live == Some(version) {
+        if self.live_version(name) == Some(version) {
             return Err(DeployError::Conflict(format!(
                 "version {version} of {name:?} is serving; deploy or roll back to another first"
             )));

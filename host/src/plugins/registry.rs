@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -187,7 +186,7 @@ impl Loader<'_> {
             ));
         }
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        let sha256 = sha256_hex(&bytes);
         if let Some(p) = old.plugins.get(name) {
             let same_version = match (&p.version, self.versions) {
                 (Some(v), Some(_)) => {
