@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::node::{free_port, nginx_binary, spawn_nginx, spawn_node, Node};
+use support::node::{nginx_binary, spawn_nginx_on_a_free_port, spawn_node, Node};
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -80,8 +80,7 @@ async fn nginx_balances_two_nodes_and_survives_one_dying() {
     let mut b = spawn_node("b", 16, "");
     a.wait_ready().await;
     b.wait_ready().await;
-    let port = free_port();
-    let mut proxy = spawn_nginx(&nginx, port, &[a.port, b.port]);
+    let (mut proxy, port) = spawn_nginx_on_a_free_port(&nginx, &[a.port, b.port]);
     let url = format!("http://127.0.0.1:{port}");
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let until = Instant::now() + Duration::from_secs(20);
@@ -270,8 +269,7 @@ async fn a_fleet_deploy_and_rollback_under_load_fail_no_request() {
     for n in &nodes {
         n.wait_ready().await;
     }
-    let port = free_port();
-    let mut proxy = spawn_nginx(&nginx, port, &[nodes[0].port, nodes[1].port]);
+    let (mut proxy, port) = spawn_nginx_on_a_free_port(&nginx, &[nodes[0].port, nodes[1].port]);
     let url = format!("http://127.0.0.1:{port}");
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let until = Instant::now() + Duration::from_secs(20);

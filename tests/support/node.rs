@@ -23,22 +23,32 @@ pub fn free_port() -> u16 {
 }
 
 /// A node serving the tiny model (`max_sequences` of them) with the openai and complete
-/// plugins; `extra` is appended to its flywheel.toml.
+/// plugins; `extra` as for [`spawn_node_serving`].
 pub fn spawn_node(name: &str, max_sequences: usize, extra: &str) -> Node {
+    let manifest = format!(
+        "name = \"tiny\"\nfile = \"{}\"\nthreads = 1\ncontext_length = 256\nmax_sequences = {max_sequences}\nbatch_size = 512\nmax_queue = 4096\n",
+        super::tiny_model_path().display()
+    );
+    spawn_node_serving(name, &[("tiny", &manifest)], extra)
+}
+
+/// A node serving these models (name, manifest text with an absolute `file`) with the
+/// openai and complete plugins. `extra` goes into its flywheel.toml right after the
+/// `[models]` keys, so it may set more of them (`keep_alive`) or start tables of its own.
+pub fn spawn_node_serving(name: &str, models: &[(&str, &str)], extra: &str) -> Node {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = super::scratch_dir(&format!("node-{name}-{n}"));
-    let models = dir.join("models");
+    let models_dir = dir.join("models");
     let plugins = dir.join("plugins");
     let _ = std::fs::remove_dir_all(&plugins);
-    std::fs::create_dir_all(&models).expect("models dir");
+    let _ = std::fs::remove_dir_all(&models_dir);
+    std::fs::create_dir_all(&models_dir).expect("models dir");
     std::fs::create_dir_all(&plugins).expect("plugins dir");
-    std::fs::copy(super::tiny_model_path(), models.join("tiny.gguf")).expect("model");
-    std::fs::write(
-        models.join("tiny.toml"),
-        format!("name = \"tiny\"\nfile = \"tiny.gguf\"\nthreads = 1\ncontext_length = 256\nmax_sequences = {max_sequences}\nbatch_size = 512\nmax_queue = 4096\n"),
-    )
-    .expect("manifest");
+    for (model, manifest) in models {
+        std::fs::write(models_dir.join(format!("{model}.toml")), manifest).expect("manifest");
+    }
+    let load: Vec<String> = models.iter().map(|(m, _)| format!("{m:?}")).collect();
     install(&plugins, &plugin("openai", "openai", Some("routes = [\"/v1/\"]\nmax_concurrency = 1024\n")));
     install(&plugins, &plugin("complete", "complete", None));
     let port = free_port();
@@ -46,7 +56,8 @@ pub fn spawn_node(name: &str, max_sequences: usize, extra: &str) -> Node {
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nmax_in_flight = 1024\nmax_queue = 4096\n[models]\ndir = \"models\"\nload = [\"tiny\"]\n[plugins]\ndir = \"plugins\"\ncache_dir = \"cache\"\n[auth]\nadmin_key = \"admin\"\n[log]\nlevel = \"warn\"\n{extra}"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nmax_in_flight = 1024\nmax_queue = 4096\n[models]\ndir = \"models\"\nload = [{}]\n{extra}\n[plugins]\ndir = \"plugins\"\ncache_dir = \"cache\"\n[auth]\nadmin_key = \"admin\"\n[log]\nlevel = \"warn\"\n",
+            load.join(", ")
         ),
     )
     .expect("config");
@@ -166,6 +177,21 @@ pub fn spawn_nginx(nginx: &Path, port: u16, backends: &[u16]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn nginx")
+}
+
+/// nginx as `spawn_nginx` starts it, on a port that was free a moment ago; another test
+/// of the same process may take that port in between (nginx then exits at once), so a few
+/// ports are tried.
+pub fn spawn_nginx_on_a_free_port(nginx: &Path, backends: &[u16]) -> (Child, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = spawn_nginx(nginx, port, backends);
+        std::thread::sleep(Duration::from_millis(300));
+        if matches!(child.try_wait(), Ok(None)) {
+            return (child, port);
+        }
+    }
+    panic!("nginx could not bind a free port in five tries");
 }
 
 fn is_root() -> bool {
