@@ -30,7 +30,7 @@ impl StepObserver for MaxBatch {
 async fn batched_decoding_matches_solo_as_sequences_come_and_go() {
     let observer = Arc::new(MaxBatch::default());
     let engine = Engine::load(vec![tiny_manifest("tiny")], observer.clone()).unwrap();
-    let model = engine.model("tiny").unwrap().clone();
+    let model = engine.model("tiny").unwrap().loaded().unwrap();
     let prompts: Vec<Vec<i32>> = (0..8).map(|i| prompt(&model, i, 12 + 3 * i)).collect();
     let lengths: Vec<usize> = (0..8).map(|i| 40 - 3 * i).collect();
 
@@ -500,7 +500,7 @@ async fn both_real_models_load_and_decode_together() {
     let engine = Engine::load(manifests, Arc::new(NoObserver)).unwrap();
     let mut tasks = Vec::new();
     for name in ["smollm2", "gemma3-270m"] {
-        let model = engine.model(name).unwrap().clone();
+        let model = engine.model(name).unwrap().loaded().unwrap();
         tasks.push(tokio::spawn(async move {
             let prompt = model.tokenize("The capital of France is", true, false).unwrap();
             let mut seq = model.open().await.unwrap();
@@ -513,7 +513,7 @@ async fn both_real_models_load_and_decode_together() {
         assert_eq!(n, 6);
         assert!(!text.trim().is_empty(), "{text:?}");
     }
-    let gemma = engine.model("gemma3-270m").unwrap();
+    let gemma = engine.model("gemma3-270m").unwrap().loaded().unwrap();
     assert_eq!(gemma.info().vocab_size, 262_144);
     let chat = gemma.apply_chat_template(&[("user".into(), "hi".into())], true).unwrap();
     assert!(chat.contains("<start_of_turn>user"), "{chat}");

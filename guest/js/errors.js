@@ -1,5 +1,7 @@
 // Errors from inference calls, and the HTTP answer each maps to.
 
+import { exceeded } from 'flywheel:llm/quota@0.1.0';
+
 export class FlywheelError extends Error {}
 
 /** A `wasi:nn` call failed; `code` is the wasi-nn error code, e.g. "too-large". */
@@ -18,16 +20,29 @@ export class ModelError extends FlywheelError {
   }
 }
 
+/**
+ * The request's API key spent a quota (its token quota, even mid-generation): answer 429.
+ * `retryAfterMs` is null when the request can never fit the quota.
+ */
+export class QuotaError extends FlywheelError {
+  constructor(message, retryAfterMs) {
+    super(message);
+    this.retryAfterMs = retryAfterMs;
+  }
+}
+
 /** The host returned something this SDK did not expect. */
 export class ProtocolError extends FlywheelError {}
 
 /** An HTTP error answer: status, a machine-readable type, a message, the field at fault. */
 export class HttpError extends FlywheelError {
-  constructor(status, kind, message, param = null) {
+  constructor(status, kind, message, param = null, retryAfter = null) {
     super(message);
     this.status = status;
     this.kind = kind;
     this.param = param;
+    // Seconds for the Retry-After header of 429 and 503 answers (1 when null).
+    this.retryAfter = retryAfter;
   }
 
   static badRequest(message, param = null) {
@@ -64,6 +79,11 @@ const MODEL_STATUS = {
 /** The HTTP answer for anything a handler threw. */
 export function toHttpError(e) {
   if (e instanceof HttpError) return e;
+  if (e instanceof QuotaError) {
+    // Rounded up; a request that can never fit is told to wait a whole minute.
+    const after = e.retryAfterMs == null ? 60 : Math.max(1, Math.ceil(e.retryAfterMs / 1000));
+    return new HttpError(429, 'rate_limit_error', e.message, null, after);
+  }
   if (e instanceof InferenceError) {
     const [status, kind] = INFERENCE_STATUS[e.code] ?? [500, 'server_error'];
     return new HttpError(status, kind, e.message);
@@ -78,7 +98,11 @@ export function toHttpError(e) {
 /** A wasi-nn call's thrown ComponentError as an InferenceError. */
 export function nnError(e) {
   const p = e?.payload;
-  if (p && typeof p.code === 'function') return new InferenceError(p.code(), p.data());
+  if (p && typeof p.code === 'function') {
+    const q = exceeded(p);
+    if (q) return new QuotaError(p.data(), q.retryAfterMs == null ? null : Number(q.retryAfterMs));
+    return new InferenceError(p.code(), p.data());
+  }
   return e;
 }
 

@@ -151,7 +151,7 @@ export class Responder {
 
   /** Answer with an error in OpenAI's shape; 429 and 503 carry Retry-After. */
   error(e) {
-    const extra = e.status === 429 || e.status === 503 ? [['retry-after', '1']] : [];
+    const extra = e.status === 429 || e.status === 503 ? [['retry-after', String(e.retryAfter ?? 1)]] : [];
     this.send(e.status, 'application/json', JSON.stringify(e.toJSON()), extra);
   }
 

@@ -2,7 +2,7 @@
 // A plugin's main module imports what it needs from here and exports `incomingHandler`.
 export { Candidates, Want, i32Tensor, readTensor, readValues } from './candidates.js';
 export { allConfig, config } from './config.js';
-export { FlywheelError, HttpError, InferenceError, ModelError, ProtocolError, toHttpError } from './errors.js';
+export { FlywheelError, HttpError, InferenceError, ModelError, ProtocolError, QuotaError, toHttpError } from './errors.js';
 export { Generation } from './generate.js';
 export { App, ClientGone, Request, Responder, SseStream } from './http.js';
 export { Model, Session, feedTogether } from './model.js';

@@ -1,6 +1,7 @@
 //! Errors from inference calls and the HTTP status each maps to.
 
 use crate::bindings::flywheel::llm::model as llm;
+use crate::bindings::flywheel::llm::quota;
 use crate::bindings::wasi::nn::errors::{Error as NnErrorResource, ErrorCode as NnCode};
 
 /// A failed inference or tokenization call.
@@ -10,6 +11,9 @@ pub enum Error {
     Nn { code: NnCode, message: String },
     /// A `flywheel:llm` call failed.
     Llm { code: llm::ErrorCode, message: String },
+    /// The request's API key spent a quota (its token quota, mid-generation): answer 429.
+    /// `retry_after_ms` is `None` when the request can never fit the quota.
+    Quota { message: String, retry_after_ms: Option<u64> },
     /// The host returned something this SDK did not expect.
     Protocol(String),
 }
@@ -17,7 +21,10 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Nn { message, .. } | Error::Llm { message, .. } | Error::Protocol(message) => f.write_str(message),
+            Error::Nn { message, .. }
+            | Error::Llm { message, .. }
+            | Error::Quota { message, .. }
+            | Error::Protocol(message) => f.write_str(message),
         }
     }
 }
@@ -26,6 +33,9 @@ impl std::error::Error for Error {}
 
 impl From<NnErrorResource> for Error {
     fn from(e: NnErrorResource) -> Self {
+        if let Some(q) = quota::exceeded(&e) {
+            return Error::Quota { message: e.data(), retry_after_ms: q.retry_after_ms };
+        }
         Error::Nn { code: e.code(), message: e.data() }
     }
 }
@@ -45,11 +55,14 @@ pub struct HttpError {
     pub message: String,
     /// The request field at fault, when there is one.
     pub param: Option<String>,
+    /// Seconds a client should wait before retrying (the `Retry-After` header of 429 and
+    /// 503 answers; 1 when unset).
+    pub retry_after: Option<u64>,
 }
 
 impl HttpError {
     pub fn new(status: u16, kind: &str, message: impl Into<String>) -> Self {
-        Self { status, kind: kind.to_string(), message: message.into(), param: None }
+        Self { status, kind: kind.to_string(), message: message.into(), param: None, retry_after: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -97,6 +110,12 @@ impl From<Error> for HttpError {
                 llm::ErrorCode::InvalidArgument => (400, "invalid_request_error"),
                 llm::ErrorCode::Unsupported => (400, "unsupported_error"),
             },
+            Error::Quota { retry_after_ms, .. } => {
+                let mut h = HttpError::new(429, "rate_limit_error", e.to_string());
+                // Rounded up; a request that can never fit is told to wait a whole minute.
+                h.retry_after = Some(retry_after_ms.map_or(60, |ms| ms.div_ceil(1000).max(1)));
+                return h;
+            }
             Error::Protocol(_) => (500, "server_error"),
         };
         HttpError::new(status, kind, e.to_string())

@@ -162,7 +162,8 @@ impl Responder {
         self.send_with(status, &[("content-type", content_type)], body)
     }
 
-    fn send_with(self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HttpError> {
+    /// Answer with a complete body and these headers (`content-length` is added).
+    pub fn send_with(self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HttpError> {
         let len = body.len().to_string();
         let mut all = headers.to_vec();
         all.push(("content-length", &len));
@@ -184,9 +185,10 @@ impl Responder {
     pub fn error(self, e: &HttpError) {
         let body = e.to_json();
         let mut headers = vec![("content-type", "application/json")];
+        let retry_after = e.retry_after.unwrap_or(1).to_string();
         if e.status == 429 || e.status == 503 {
             // Busy, not broken: tell clients when to come back.
-            headers.push(("retry-after", "1"));
+            headers.push(("retry-after", retry_after.as_str()));
         }
         // Nothing more can be done if even the error cannot be sent.
         let _ = self.send_with(e.status, &headers, body.to_string().as_bytes());

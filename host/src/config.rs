@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::engine::{KeepAlive, Lifecycle};
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -20,6 +22,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub usage: UsageConfig,
     /// OCI registries plugins are pushed to and pulled from (`[[registries]]`); a registry
     /// not listed is used anonymously over HTTPS.
     #[serde(default)]
@@ -83,9 +87,23 @@ pub struct ModelsConfig {
     /// Folder of model manifests.
     #[serde(default = "defaults::models_dir")]
     pub dir: PathBuf,
-    /// Which manifests to load, by model name; empty loads all of them.
+    /// Which manifests to serve, by model name; empty serves all of them.
     #[serde(default = "defaults::model_names")]
     pub load: Vec<String>,
+    /// How long a model stays loaded after its last use, unless its manifest says: `-1`
+    /// (loaded at start and kept), `0` (unloaded after each use) or a duration like `5m`.
+    #[serde(default = "defaults::keep_alive")]
+    pub keep_alive: KeepAlive,
+    /// Models loaded at once at most; a model that must load unloads the least recently
+    /// used idle one. Unset: no limit.
+    #[serde(default)]
+    pub max_loaded_models: Option<usize>,
+}
+
+impl ModelsConfig {
+    pub fn lifecycle(&self) -> Lifecycle {
+        Lifecycle { keep_alive: self.keep_alive, max_loaded_models: self.max_loaded_models }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -169,6 +187,65 @@ pub struct AuthConfig {
     /// Bearer key for `/admin/...`; without one the admin API is off.
     #[serde(default)]
     pub admin_key: Option<String>,
+    /// Named keys (`[[auth.keys]]`), each with its own quotas; accepted for every plugin.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+/// One named API key and its quotas. Metrics, logs and usage reports show its name, never
+/// the key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub name: String,
+    /// The key; prefer `key_env`, which keeps it out of the file.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// An environment variable holding the key.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// Requests started per minute (a bucket of this size that refills evenly).
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Prompt and generated tokens per minute; a generation that runs out is stopped.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+    /// Requests (streams included) in flight at once.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+}
+
+impl KeyConfig {
+    /// The key, from the file or the environment variable `key_env` names.
+    pub fn secret(&self) -> Result<String, String> {
+        let key = match (&self.key, &self.key_env) {
+            (Some(_), Some(_)) => return Err(format!("auth.keys {:?}: set key or key_env, not both", self.name)),
+            (Some(k), None) => k.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                format!("auth.keys {:?}: the environment variable {var} (key_env) is not set", self.name)
+            })?,
+            (None, None) => return Err(format!("auth.keys {:?}: set key or key_env", self.name)),
+        };
+        if key.trim().is_empty() {
+            return Err(format!("auth.keys {:?}: the key is empty", self.name));
+        }
+        Ok(key)
+    }
+}
+
+/// Usage metering (`/admin/usage`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    /// How far back `/admin/usage` can look: per-minute records older than this are dropped.
+    #[serde(default = "defaults::usage_retention_hours")]
+    pub retention_hours: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self { retention_hours: defaults::usage_retention_hours() }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -227,6 +304,12 @@ mod defaults {
     pub fn model_names() -> Vec<String> {
         vec!["smollm2".into()]
     }
+    pub fn keep_alive() -> crate::engine::KeepAlive {
+        crate::engine::KeepAlive::Forever
+    }
+    pub fn usage_retention_hours() -> u64 {
+        24
+    }
     pub fn plugins_dir() -> PathBuf {
         ".flywheel/plugins".into()
     }
@@ -264,7 +347,12 @@ impl Default for ServerConfig {
 
 impl Default for ModelsConfig {
     fn default() -> Self {
-        Self { dir: defaults::models_dir(), load: defaults::model_names() }
+        Self {
+            dir: defaults::models_dir(),
+            load: defaults::model_names(),
+            keep_alive: defaults::keep_alive(),
+            max_loaded_models: None,
+        }
     }
 }
 
@@ -341,6 +429,8 @@ impl Config {
             ("plugins.max_memory_mb", self.plugins.max_memory_mb),
             ("plugins.keep_versions", self.plugins.keep_versions as u64),
             ("plugins.max_component_mb", self.plugins.max_component_mb),
+            ("models.max_loaded_models", self.models.max_loaded_models.map_or(1, |n| n as u64)),
+            ("usage.retention_hours", self.usage.retention_hours),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -352,6 +442,34 @@ impl Config {
         }
         if self.auth.admin_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
             return Err("auth.admin_key must not be empty (omit it to turn the admin API off)".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for k in &self.auth.keys {
+            if k.name.is_empty() || !k.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(format!(
+                    "auth.keys name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
+                    k.name
+                ));
+            }
+            if !names.insert(&k.name) {
+                return Err(format!("auth.keys: two keys are named {:?}", k.name));
+            }
+            let limits = [
+                ("requests_per_minute", k.requests_per_minute),
+                ("tokens_per_minute", k.tokens_per_minute),
+                ("max_concurrent", k.max_concurrent),
+            ];
+            for (key, v) in limits {
+                if v == Some(0) {
+                    return Err(format!("auth.keys {:?}: {key} must be at least 1 (omit it for no limit)", k.name));
+                }
+            }
+            if k.key.is_some() && k.key_env.is_some() {
+                return Err(format!("auth.keys {:?}: set key or key_env, not both", k.name));
+            }
+            if k.key.is_none() && k.key_env.is_none() {
+                return Err(format!("auth.keys {:?}: set key or key_env", k.name));
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("log.level {:?} is not a valid filter: {e}", self.log.level))?;

@@ -13,3 +13,4 @@ pub mod oci;
 pub mod plugins;
 pub mod server;
 pub mod sys;
+pub mod tenants;

@@ -16,9 +16,10 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::engine::{Engine, StepInfo, StepObserver};
+use crate::engine::{Engine, StepInfo, StepObserver, UnloadReason};
 use crate::nn::NnObserver;
 use crate::plugins::{PluginObserver, TrapKind};
+use crate::tenants::Ledger;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -42,6 +43,18 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnloadLabels {
+    pub model: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    pub key: String,
+    pub plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CutLabels {
     pub plugin: String,
     pub reason: String,
@@ -61,6 +74,11 @@ fn latency_histogram() -> Histogram {
 fn micro_histogram() -> Histogram {
     // 1 µs .. ~32 ms
     Histogram::new(exponential_buckets(1e-6, 2.0, 16))
+}
+
+fn load_histogram() -> Histogram {
+    // 10 ms .. ~160 s
+    Histogram::new(exponential_buckets(0.01, 2.0, 15))
 }
 
 fn batch_histogram() -> Histogram {
@@ -90,13 +108,32 @@ pub struct Metrics {
     /// Requests waiting for a slot in the global queue.
     pub queued_requests: Gauge,
     pub in_flight_requests: Gauge,
+    /// Cold loads: from the start of a model's load to its context being ready.
+    pub model_load_duration: Family<ModelLabel, Histogram>,
+    pub model_load_failures: Family<ModelLabel, Counter>,
+    pub model_unloads: Family<UnloadLabels, Counter>,
+    /// CPU time guests ran on the host's threads, by plugin.
+    pub guest_cpu: Family<PluginLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
     engine: Arc<EngineGauges>,
+    usage: Arc<UsageCounters>,
 }
 
 /// Engine gauges read at scrape time.
 #[derive(Debug, Default)]
 struct EngineGauges {
     engine: OnceLock<Weak<Engine>>,
+}
+
+/// Per-key usage, read from the ledger at scrape time.
+#[derive(Default)]
+struct UsageCounters {
+    ledger: OnceLock<Weak<Ledger>>,
+}
+
+impl std::fmt::Debug for UsageCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageCounters")
+    }
 }
 
 impl Metrics {
@@ -167,8 +204,31 @@ impl Metrics {
         registry.register("flywheel_queued_requests", "Requests waiting in the global queue", queued_requests.clone());
         let in_flight_requests = Gauge::default();
         registry.register("flywheel_in_flight_requests", "Requests being served", in_flight_requests.clone());
+        let model_load_duration =
+            Family::<ModelLabel, Histogram>::new_with_constructor(load_histogram as fn() -> Histogram);
+        registry.register(
+            "flywheel_model_load_duration_seconds",
+            "Cold loads: time from the start of a model's load (file check, weights, context) to ready; requests for an unloaded model wait this long",
+            model_load_duration.clone(),
+        );
+        let model_load_failures = Family::<ModelLabel, Counter>::default();
+        registry.register("flywheel_model_load_failures", "Model loads that failed", model_load_failures.clone());
+        let model_unloads = Family::<UnloadLabels, Counter>::default();
+        registry.register(
+            "flywheel_model_unloads",
+            "Models unloaded, by reason (idle: keep_alive ran out; evicted: room for another model; admin)",
+            model_unloads.clone(),
+        );
+        let guest_cpu = Family::<PluginLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "flywheel_guest_cpu_seconds",
+            "CPU time plugin instances ran on the host's threads",
+            guest_cpu.clone(),
+        );
         let engine = Arc::new(EngineGauges::default());
         registry.register_collector(Box::new(engine.clone()));
+        let usage = Arc::new(UsageCounters::default());
+        registry.register_collector(Box::new(usage.clone()));
         Arc::new(Self {
             registry,
             requests,
@@ -187,8 +247,18 @@ impl Metrics {
             connections_closed,
             queued_requests,
             in_flight_requests,
+            model_load_duration,
+            model_load_failures,
+            model_unloads,
+            guest_cpu,
             engine,
+            usage,
         })
+    }
+
+    /// Report each API key's usage (from the ledger) at each scrape.
+    pub fn watch_usage(&self, ledger: &Arc<Ledger>) {
+        let _ = self.usage.ledger.set(Arc::downgrade(ledger));
     }
 
     /// Report the engine's live state (sequences, KV use, queues) at each scrape.
@@ -246,6 +316,33 @@ impl Collector for EngineGauges {
                 ConstGauge::new(read(model.stats())).encode(metric.encode_family(&labels)?)?;
             }
         }
+        type State = fn(&crate::engine::ModelStatus) -> i64;
+        let lifecycle: [(&str, &str, State); 3] = [
+            ("flywheel_model_loaded", "1 while the model is loaded, 0 while it is not (it loads on first use)", |s| {
+                i64::from(s.state == crate::engine::ModelState::Loaded)
+            }),
+            (
+                "flywheel_model_pinned",
+                "1 while the model is kept loaded (keep_alive -1 or pinned by the admin API)",
+                |s| i64::from(s.pinned),
+            ),
+            ("flywheel_model_leases", "Requests and sequences using the model now (it is idle at 0)", |s| {
+                s.users as i64
+            }),
+        ];
+        for (name, help, read) in lifecycle {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for model in engine.models() {
+                let labels = ModelLabel { model: model.name().to_string() };
+                ConstGauge::new(read(&model.status())).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut loads =
+            encoder.encode_descriptor("flywheel_model_loads", "Times the model loaded", None, MetricType::Counter)?;
+        for model in engine.models() {
+            let labels = ModelLabel { model: model.name().to_string() };
+            ConstCounter::new(model.load_count() as u64).encode(loads.encode_family(&labels)?)?;
+        }
         type Count = fn(&crate::engine::EngineStats) -> u64;
         let counters: [(&str, &str, Count); 3] = [
             ("flywheel_embedding_tokens", "Input tokens computed for embeddings", |s| s.embedded_tokens.load(Relaxed)),
@@ -267,7 +364,57 @@ impl Collector for EngineGauges {
     }
 }
 
+impl Collector for UsageCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(ledger) = self.ledger.get().and_then(Weak::upgrade) else { return Ok(()) };
+        let totals = ledger.totals();
+        type Read = fn(&crate::tenants::Counts) -> u64;
+        let counters: [(&str, &str, Read); 5] = [
+            ("flywheel_key_requests", "Requests admitted, by API key name and plugin", |c| c.requests),
+            ("flywheel_key_rejected_requests", "Requests refused with 429 by a quota of the key", |c| {
+                c.rejected_requests
+            }),
+            ("flywheel_key_prompt_tokens", "Prompt tokens fed for the key, by plugin", |c| c.prompt_tokens),
+            ("flywheel_key_generated_tokens", "Tokens generated for the key, by plugin", |c| c.generated_tokens),
+            ("flywheel_key_quota_stops", "Generations the engine stopped because the key's token quota ran out", |c| {
+                c.quota_stops
+            }),
+        ];
+        for (name, help, read) in counters {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for ((key, plugin), counts) in &totals {
+                let labels = UsageLabels { key: key.clone(), plugin: plugin.clone() };
+                ConstCounter::new(read(counts)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut cpu = encoder.encode_descriptor(
+            "flywheel_key_guest_cpu_seconds",
+            "CPU time the plugin's instances ran for the key",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((key, plugin), counts) in &totals {
+            let labels = UsageLabels { key: key.clone(), plugin: plugin.clone() };
+            ConstCounter::new(counts.guest_cpu_seconds).encode(cpu.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 impl StepObserver for Metrics {
+    fn model_loaded(&self, model: &str, took: Duration) {
+        self.model_load_duration.get_or_create(&ModelLabel { model: model.to_string() }).observe(took.as_secs_f64());
+    }
+
+    fn model_load_failed(&self, model: &str) {
+        self.model_load_failures.get_or_create(&ModelLabel { model: model.to_string() }).inc();
+    }
+
+    fn model_unloaded(&self, model: &str, reason: UnloadReason) {
+        let labels = UnloadLabels { model: model.to_string(), reason: reason.as_str().to_string() };
+        self.model_unloads.get_or_create(&labels).inc();
+    }
+
     fn on_step(&self, model: &str, step: &StepInfo) {
         let labels = ModelLabel { model: model.to_string() };
         self.generated_tokens.get_or_create(&labels).inc_by(step.decode_tokens as u64);
@@ -285,6 +432,10 @@ impl PluginObserver for Metrics {
 
     fn slots_acquired(&self, plugin: &str, waited: Duration) {
         self.slot_wait.get_or_create(&PluginLabel { plugin: plugin.to_string() }).observe(waited.as_secs_f64());
+    }
+
+    fn guest_cpu(&self, plugin: &str, spent: Duration) {
+        self.guest_cpu.get_or_create(&PluginLabel { plugin: plugin.to_string() }).inc_by(spent.as_secs_f64());
     }
 
     fn trapped(&self, plugin: &str, kind: &TrapKind) {

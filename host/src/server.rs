@@ -14,6 +14,7 @@ use crate::engine::{Engine, ModelManifest};
 use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::plugins::{PluginRuntime, RuntimeConfig};
+use crate::tenants::Tenants;
 
 /// The manifests a config asks for.
 pub fn select_models(config: &Config) -> anyhow::Result<Vec<ModelManifest>> {
@@ -47,7 +48,8 @@ impl Server {
         let metrics = Metrics::new();
         let manifests = select_models(&config)?;
         let observer = metrics.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::load(manifests, observer)).await??;
+        let lifecycle = config.models.lifecycle();
+        let engine = tokio::task::spawn_blocking(move || Engine::start(manifests, observer, lifecycle)).await??;
         Self::start_with_engine(config, Arc::new(engine), metrics).await
     }
 
@@ -58,6 +60,8 @@ impl Server {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Server> {
         metrics.watch_engine(&engine);
+        let tenants = Arc::new(Tenants::new(&config.auth, &config.usage).map_err(anyhow::Error::msg)?);
+        metrics.watch_usage(tenants.ledger());
         let p = &config.plugins;
         let runtime_config = RuntimeConfig {
             plugin_dir: p.dir.clone(),
@@ -82,7 +86,15 @@ impl Server {
                 .with_context(context)?;
             tracing::info!(plugin = %want.name, version = deployed.version.version, %source, "plugin pulled");
         }
-        let state = AppState::new(runtime, metrics, config.server.clone(), config.auth.clone(), max_upload, registries);
+        let state = AppState::new(
+            runtime,
+            metrics,
+            config.server.clone(),
+            config.auth.clone(),
+            max_upload,
+            registries,
+            tenants,
+        );
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;

@@ -1,4 +1,5 @@
-//! What the operating system allows this process: open files, for client connections.
+//! What the operating system gives this process and tells it: open files for client
+//! connections, memory handed back after a model unloads, per-thread CPU time.
 
 /// The soft limit on open file descriptors (each client connection holds one).
 pub fn open_file_limit() -> usize {
@@ -50,4 +51,26 @@ pub fn limit_openmp_spinning() -> std::io::Result<()> {
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
     Err(std::process::Command::new(exe).arg0(arg0).args(args).env("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT).exec())
+}
+
+/// Hands memory the allocator holds but no longer uses back to the system. Called after a
+/// model unloads: glibc keeps freed heap (and raises its mmap threshold after large frees,
+/// so later large buffers land on the heap too), and an unloaded model would otherwise not
+/// shrink the process.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// CPU time the calling thread has used so far.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only into the struct it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(u64::try_from(ts.tv_sec).unwrap_or(0), u32::try_from(ts.tv_nsec).unwrap_or(0))
 }

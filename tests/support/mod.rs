@@ -46,7 +46,7 @@ pub fn tiny_manifest(name: &str) -> ModelManifest {
 
 pub fn load(manifest: ModelManifest) -> Arc<Model> {
     let engine = Engine::load(vec![manifest], Arc::new(NoObserver)).expect("load tiny model");
-    let model = engine.models().next().cloned();
+    let model = engine.models().next().and_then(|h| h.loaded());
     model.expect("one model")
 }
 

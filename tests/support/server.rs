@@ -125,7 +125,7 @@ pub async fn start_with_examples(
     configure(&mut config);
     let metrics = Metrics::new();
     let observer = metrics.clone();
-    let engine = Arc::new(Engine::load(models, observer).expect("load models"));
+    let engine = Arc::new(Engine::start(models, observer, config.models.lifecycle()).expect("load models"));
     let server = Server::start_with_engine(config, engine.clone(), metrics.clone()).await.expect("start server");
     let url = format!("http://{}", server.addr);
     TestServer {
@@ -143,14 +143,16 @@ pub async fn start_with_examples(
 pub struct TestClient {
     url: String,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    key: Option<String>,
 }
 
 impl TestClient {
     pub async fn post(&self, path: &str, body: &str) -> Resp {
-        let req = http::Request::post(format!("{}{}", self.url, path))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("request");
+        let mut req = http::Request::post(format!("{}{}", self.url, path)).header("content-type", "application/json");
+        if let Some(key) = &self.key {
+            req = req.header("authorization", format!("Bearer {key}"));
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_string()))).expect("request");
         let resp = self.client.request(req).await.expect("request");
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
@@ -160,11 +162,26 @@ impl TestClient {
 
 impl TestServer {
     pub fn client(&self) -> TestClient {
-        TestClient { url: self.url.clone(), client: self.client.clone() }
+        TestClient { url: self.url.clone(), client: self.client.clone(), key: None }
+    }
+
+    /// A client that sends `key` as its bearer key.
+    pub fn clone_client_as(&self, key: &str) -> TestClient {
+        TestClient { url: self.url.clone(), client: self.client.clone(), key: Some(key.to_string()) }
+    }
+
+    /// As `open`, with a bearer key.
+    pub async fn open_as(&self, key: &str, path: &str, body: &str) -> hyper::Response<hyper::body::Incoming> {
+        let req = http::Request::post(format!("{}{}", self.url, path))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        self.client.request(req).await.expect("request")
     }
 
     pub fn model(&self, name: &str) -> Arc<Model> {
-        self.engine.model(name).expect("model").clone()
+        self.engine.model(name).expect("model").loaded().expect("model loaded")
     }
 
     pub async fn send(&self, req: http::Request<Full<Bytes>>) -> Resp {
@@ -177,6 +194,27 @@ impl TestServer {
     pub async fn post(&self, path: &str, body: &str) -> Resp {
         let req = http::Request::post(format!("{}{}", self.url, path))
             .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        self.send(req).await
+    }
+
+    /// A request to the admin API with the key tests configure (`admin`).
+    pub async fn admin(&self, method: &str, path: &str) -> Resp {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.url, path))
+            .header("authorization", "Bearer admin")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        self.send(req).await
+    }
+
+    /// A POST with a bearer key.
+    pub async fn post_as(&self, key: &str, path: &str, body: &str) -> Resp {
+        let req = http::Request::post(format!("{}{}", self.url, path))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("request");
         self.send(req).await

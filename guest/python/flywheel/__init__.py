@@ -13,7 +13,7 @@ import random  # noqa: F401
 
 from .candidates import Candidates, Want
 from .config import all_config, config
-from .errors import FlywheelError, HttpError, InferenceError, ModelError, ProtocolError, to_http_error
+from .errors import FlywheelError, HttpError, InferenceError, ModelError, ProtocolError, QuotaError, to_http_error
 from .generate import Generation
 from .http import App, ClientGone, Request, Responder, SseStream
 from .model import Model, Session, feed_together
@@ -31,6 +31,7 @@ __all__ = [
     "Model",
     "ModelError",
     "ProtocolError",
+    "QuotaError",
     "Request",
     "Responder",
     "Sampler",

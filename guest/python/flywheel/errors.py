@@ -23,6 +23,16 @@ class ModelError(FlywheelError):
         self.message = message
 
 
+class QuotaError(FlywheelError):
+    """The request's API key spent a quota (its token quota, even mid-generation): answer 429.
+    `retry_after_ms` is None when the request can never fit the quota."""
+
+    def __init__(self, message, retry_after_ms):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
 class ProtocolError(FlywheelError):
     """The host returned something this SDK did not expect."""
 
@@ -30,12 +40,14 @@ class ProtocolError(FlywheelError):
 class HttpError(FlywheelError):
     """An HTTP error answer: status, a machine-readable type, a message, the field at fault."""
 
-    def __init__(self, status, kind, message, param=None):
+    def __init__(self, status, kind, message, param=None, retry_after=None):
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.message = message
         self.param = param
+        # Seconds for the Retry-After header of 429 and 503 answers (1 when None).
+        self.retry_after = retry_after
 
     @classmethod
     def bad_request(cls, message, param=None):
@@ -75,6 +87,10 @@ def to_http_error(e):
     """The HTTP answer for any exception a handler let escape."""
     if isinstance(e, HttpError):
         return e
+    if isinstance(e, QuotaError):
+        # Rounded up; a request that can never fit is told to wait a whole minute.
+        after = 60 if e.retry_after_ms is None else max(1, -(-e.retry_after_ms // 1000))
+        return HttpError(429, "rate_limit_error", e.message, retry_after=after)
     if isinstance(e, InferenceError):
         status, kind = _INFERENCE_STATUS.get(e.code, (500, "server_error"))
         return HttpError(status, kind, e.message)

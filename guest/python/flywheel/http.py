@@ -141,7 +141,8 @@ class Responder:
 
     def error(self, e):
         """Answer with an error in OpenAI's shape; 429 and 503 carry Retry-After."""
-        extra = [("retry-after", "1")] if e.status in (429, 503) else []
+        after = str(e.retry_after or 1)
+        extra = [("retry-after", after)] if e.status in (429, 503) else []
         self.send(e.status, "application/json", json.dumps(e.to_json()), extra)
 
     def sse(self):

@@ -6,8 +6,9 @@ from componentize_py_types import Err
 from wit_world.imports import batch as _batch
 from wit_world.imports import graph as _graph
 from wit_world.imports import model as _llm
+from wit_world.imports import quota as _quota
 
-from .errors import HttpError, InferenceError, ModelError, ProtocolError
+from .errors import HttpError, InferenceError, ModelError, ProtocolError, QuotaError
 from .config import config
 from .candidates import Candidates, Want, read_tensor
 from .generate import Generation
@@ -18,8 +19,12 @@ def _code(enum_value):
 
 
 def _nn_error(e):
-    """A wasi-nn `Err` (an error resource) as an InferenceError."""
+    """A wasi-nn `Err` (an error resource) as an InferenceError, or a QuotaError when the
+    request's API key spent a quota."""
     err = e.value
+    exceeded = _quota.exceeded(err)
+    if exceeded is not None:
+        return QuotaError(err.data(), exceeded.retry_after_ms)
     return InferenceError(_code(err.code()), err.data())
 
 

@@ -187,7 +187,7 @@ async fn plugin_run(
         let (runtime, plugin, name, p) = (runtime.clone(), plugin.clone(), model.name().to_string(), p.clone());
         tasks.push(tokio::spawn(async move {
             let opened = Instant::now();
-            let resp = runtime.invoke(&plugin, request(&name, &p, gen, true, full_logits)).await?;
+            let resp = runtime.invoke(&plugin, request(&name, &p, gen, true, full_logits), None).await?;
             anyhow::ensure!(resp.status() == 200, "plugin answered {}", resp.status());
             let mut body = resp.into_body();
             let mut first: Option<(Duration, Instant)> = None;
@@ -213,7 +213,7 @@ pub async fn empty_request(runtime: &Arc<PluginRuntime>, plugin: &Arc<Plugin>) -
     let mut req = hyper::Request::new(Full::new(Bytes::from_static(b"{}")));
     *req.method_mut() = hyper::Method::POST;
     *req.uri_mut() = hyper::Uri::from_static("http://localhost/fn/complete");
-    let resp = runtime.invoke(plugin, req).await?;
+    let resp = runtime.invoke(plugin, req, None).await?;
     anyhow::ensure!(resp.status() == 400, "an empty request got {}, not 400", resp.status());
     resp.into_body().collect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())

@@ -1,12 +1,13 @@
-//! The decode thread: one OS thread owns every model's llama.cpp context and runs their
-//! batch steps in turn.
+//! The decode thread: one OS thread owns every loaded model's llama.cpp context and runs
+//! their batch steps in turn. Models join it when they load and leave when they unload.
 //!
 //! One thread for all models, not one per model: libgomp throttles its spin-waiting once
 //! it manages more threads than there are CPUs, and two decoding thread teams on a small
 //! machine fight over the same cores anyway. Measured on 2 cores: once a second model had
 //! decoded, SmolLM2 dropped from 83 to 56 tok/s with a thread per model.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,40 +22,54 @@ use super::scheduler::{Command, Scheduler};
 use super::{EngineError, ModelManifest, StepObserver};
 
 pub(crate) enum Message {
-    /// A command for the model at this index.
-    Model(usize, Command),
-    /// Inputs to embed with the model at this index.
-    Embed(usize, EmbedJob),
+    /// Create the context of a model whose weights are loaded, under a new id.
+    Load { id: u64, setup: Box<ModelSetup>, reply: Sender<Result<(), EngineError>> },
+    /// Drop a model's context (its sequences are all closed). The weights go with the last
+    /// reference to them, which is usually the one this thread held.
+    Unload { id: u64 },
+    /// A command for the model with this id.
+    Model(u64, Command),
+    /// Inputs to embed with the model with this id.
+    Embed(u64, EmbedJob),
     /// Work that must run on the decode thread between steps (the native bench loop).
     Exclusive(Box<dyn FnOnce() + Send>),
 }
 
-/// A model's way to its scheduler.
+/// The decode thread, as the engine sees it.
 #[derive(Clone)]
-pub(crate) struct Link {
-    index: usize,
+pub(crate) struct DecodeThread {
     tx: Sender<Message>,
     alive: Arc<AtomicBool>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// One loaded model's way to its scheduler. Ids are never reused, so a message for a
+/// model that has been unloaded (and perhaps loaded again) reaches nothing and its reply
+/// is dropped, which callers read as "stopped".
+#[derive(Clone)]
+pub(crate) struct Link {
+    id: u64,
+    tx: Sender<Message>,
 }
 
 impl Link {
     /// False when the decode thread is gone.
     pub(crate) fn send(&self, cmd: Command) -> bool {
-        self.tx.send(Message::Model(self.index, cmd)).is_ok()
+        self.tx.send(Message::Model(self.id, cmd)).is_ok()
     }
 
     /// False when the decode thread is gone.
     pub(crate) fn embed(&self, job: EmbedJob) -> bool {
-        self.tx.send(Message::Embed(self.index, job)).is_ok()
+        self.tx.send(Message::Embed(self.id, job)).is_ok()
     }
 
     pub(crate) fn run_exclusive(&self, work: Box<dyn FnOnce() + Send>) -> bool {
         self.tx.send(Message::Exclusive(work)).is_ok()
     }
 
-    /// False once the decode thread has died (a panic in llama.cpp's binding, say).
-    pub(crate) fn alive(&self) -> bool {
-        self.alive.load(Ordering::Relaxed)
+    /// Drop this model's context on the decode thread.
+    pub(crate) fn unload(&self) {
+        let _ = self.tx.send(Message::Unload { id: self.id });
     }
 }
 
@@ -66,67 +81,47 @@ pub(crate) struct ModelSetup {
     pub stats: Arc<EngineStats>,
 }
 
-/// Start the decode thread; returns one link per model once every context exists.
-pub(crate) fn start(models: Vec<ModelSetup>, observer: Arc<dyn StepObserver>) -> Result<Vec<Link>, EngineError> {
-    let (tx, rx) = mpsc::channel();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let count = models.len();
-    let alive = Arc::new(AtomicBool::new(true));
-    let thread_alive = alive.clone();
-    std::thread::Builder::new()
-        .name("decode".into())
-        .spawn(move || {
-            let mut workers = Vec::with_capacity(models.len());
-            for m in &models {
-                let ctx = {
-                    let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
-                    backend().and_then(|b| {
-                        m.llama.new_context(b, context_params(&m.manifest)).map_err(|e| EngineError::ContextCreate {
-                            model: m.manifest.name.clone(),
-                            message: format!(
-                                "{e} (is kv cells = context_length x max_sequences too large for memory?)"
-                            ),
-                        })
-                    })
-                };
-                match ctx {
-                    Ok(ctx) => {
-                        let n_swa = sliding_window(&m.llama);
-                        workers.push(Worker {
-                            scheduler: Scheduler::new(
-                                &m.manifest,
-                                ctx,
-                                m.n_vocab,
-                                n_swa,
-                                m.stats.clone(),
-                                observer.clone(),
-                            ),
-                            embedder: Embedder::new(&m.manifest, &m.llama, m.stats.clone()),
-                        })
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
+impl DecodeThread {
+    /// Start the thread with no model; it stops once the engine and every model are gone.
+    pub(crate) fn start(observer: Arc<dyn StepObserver>) -> Result<Self, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let alive = Arc::new(AtomicBool::new(true));
+        let thread_alive = alive.clone();
+        std::thread::Builder::new()
+            .name("decode".into())
+            .spawn(move || {
+                let mut workers = BTreeMap::new();
+                let outcome =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut workers, &rx, &observer)));
+                if outcome.is_err() {
+                    // Health checks report it, so the process gets restarted.
+                    thread_alive.store(false, Ordering::Relaxed);
+                    tracing::error!("the decode thread panicked; no model can be served");
                 }
-            }
-            let _ = ready_tx.send(Ok(()));
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut workers, &rx)));
-            if outcome.is_err() {
-                // Health checks report it, so the process gets restarted.
-                thread_alive.store(false, Ordering::Relaxed);
-                tracing::error!("the decode thread panicked; no model can be served");
-            }
-            tracing::debug!("decode thread stopped");
-        })
-        .map_err(|e| EngineError::ContextCreate {
-            model: "*".into(),
-            message: format!("cannot spawn the decode thread: {e}"),
-        })?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok((0..count).map(|index| Link { index, tx: tx.clone(), alive: alive.clone() }).collect()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(EngineError::ContextCreate { model: "*".into(), message: "the decode thread died".into() }),
+                tracing::debug!("decode thread stopped");
+            })
+            .map_err(|e| EngineError::ContextCreate {
+                model: "*".into(),
+                message: format!("cannot spawn the decode thread: {e}"),
+            })?;
+        Ok(Self { tx, alive, next_id: Arc::new(AtomicU64::new(1)) })
+    }
+
+    /// False once the decode thread has died (a panic in llama.cpp's binding, say).
+    pub(crate) fn alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Create a model's context on the decode thread and wait for it (blocking).
+    pub(crate) fn load(&self, setup: ModelSetup) -> Result<Link, EngineError> {
+        let name = setup.manifest.name.clone();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = mpsc::channel();
+        let gone =
+            || EngineError::ContextCreate { model: name.clone(), message: "the decode thread has stopped".into() };
+        self.tx.send(Message::Load { id, setup: Box::new(setup), reply }).map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())??;
+        Ok(Link { id, tx: self.tx.clone() })
     }
 }
 
@@ -142,60 +137,111 @@ impl Worker<'_> {
     }
 }
 
-fn dispatch(workers: &mut [Worker<'_>], msg: Message) {
+self_cell::self_cell!(
+    /// A worker together with the weights its contexts borrow, so it can be dropped (and
+    /// the memory given back) while the thread goes on.
+    struct LoadedWorker {
+        owner: Arc<LlamaModel>,
+        #[not_covariant]
+        dependent: Worker,
+    }
+);
+
+fn create_worker(setup: ModelSetup, observer: &Arc<dyn StepObserver>) -> Result<LoadedWorker, EngineError> {
+    let ModelSetup { manifest, llama, n_vocab, stats } = setup;
+    LoadedWorker::try_new(llama, |llama| {
+        let ctx = {
+            let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
+            backend().and_then(|b| {
+                llama.new_context(b, context_params(&manifest)).map_err(|e| EngineError::ContextCreate {
+                    model: manifest.name.clone(),
+                    message: format!("{e} (is kv cells = context_length x max_sequences too large for memory?)"),
+                })
+            })
+        }?;
+        let n_swa = sliding_window(llama);
+        Ok(Worker {
+            scheduler: Scheduler::new(&manifest, ctx, n_vocab, n_swa, stats.clone(), observer.clone()),
+            embedder: Embedder::new(&manifest, llama, stats),
+        })
+    })
+}
+
+fn dispatch(workers: &mut BTreeMap<u64, LoadedWorker>, msg: Message, observer: &Arc<dyn StepObserver>) {
     match msg {
-        Message::Model(i, cmd) => {
-            if let Some(w) = workers.get_mut(i) {
-                w.scheduler.handle(cmd);
+        Message::Load { id, setup, reply } => match create_worker(*setup, observer) {
+            Ok(worker) => {
+                workers.insert(id, worker);
+                let _ = reply.send(Ok(()));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
+        Message::Unload { id } => {
+            if workers.remove(&id).is_some() {
+                // Context, KV cells and (usually) the weights are freed by now; hand the
+                // freed heap back to the system so the process shrinks.
+                crate::sys::release_free_memory();
             }
         }
-        Message::Embed(i, job) => match workers.get_mut(i) {
-            Some(w) => w.embedder.push(job),
+        Message::Model(id, cmd) => {
+            if let Some(w) = workers.get_mut(&id) {
+                w.with_dependent_mut(|_, w| w.scheduler.handle(cmd));
+            }
+        }
+        Message::Embed(id, job) => match workers.get_mut(&id) {
+            Some(w) => w.with_dependent_mut(|_, w| w.embedder.push(job)),
             None => drop(job),
         },
         Message::Exclusive(work) => work(),
     }
 }
 
-/// Steps every model with work, in turn, until every link is dropped.
-fn run(workers: &mut [Worker<'_>], rx: &Receiver<Message>) {
+/// Steps every model with work, in turn, until the engine and every model are gone.
+fn run(workers: &mut BTreeMap<u64, LoadedWorker>, rx: &Receiver<Message>, observer: &Arc<dyn StepObserver>) {
     loop {
-        if !workers.iter().any(Worker::has_work) {
+        if !workers.values().any(|w| w.with_dependent(|_, w| w.has_work())) {
             // Nothing to compute: sleep until a caller asks for something.
             match rx.recv() {
-                Ok(msg) => dispatch(workers, msg),
+                Ok(msg) => dispatch(workers, msg, observer),
                 Err(_) => return,
             }
             continue;
         }
         while let Ok(msg) = rx.try_recv() {
-            dispatch(workers, msg);
+            dispatch(workers, msg, observer);
         }
         // Let sequences answered by their model's last step join the next one (bounded).
         loop {
             let now = Instant::now();
             let deadline = workers
-                .iter()
-                .map(|w| &w.scheduler)
-                .filter(|s| s.has_work() && s.awaiting_any())
-                .map(Scheduler::wait_deadline)
+                .values()
+                .filter_map(|w| {
+                    w.with_dependent(|_, w| {
+                        let s = &w.scheduler;
+                        (s.has_work() && s.awaiting_any()).then(|| s.wait_deadline())
+                    })
+                })
                 .filter(|d| *d > now)
                 .min();
             let Some(deadline) = deadline else { break };
             match rx.recv_timeout(deadline - now) {
-                Ok(msg) => dispatch(workers, msg),
+                Ok(msg) => dispatch(workers, msg, observer),
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
-        for w in workers.iter_mut() {
-            // Embeddings first: one batch for everything queued, then the generation step.
-            if w.embedder.has_work() {
-                w.embedder.run();
-            }
-            if w.scheduler.has_work() {
-                w.scheduler.step();
-            }
+        for w in workers.values_mut() {
+            w.with_dependent_mut(|_, w| {
+                // Embeddings first: one batch for everything queued, then the generation step.
+                if w.embedder.has_work() {
+                    w.embedder.run();
+                }
+                if w.scheduler.has_work() {
+                    w.scheduler.step();
+                }
+            });
         }
     }
 }

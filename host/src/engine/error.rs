@@ -61,4 +61,22 @@ pub enum EngineError {
 
     #[error("the scheduler of model {0} has stopped")]
     SchedulerStopped(String),
+
+    #[error("model {0} was unloaded; open it again")]
+    ModelUnloaded(String),
+
+    #[error("model {model} could not be loaded: {message}")]
+    ModelLoadFailed { model: String, message: String },
+
+    #[error("model {model} cannot load: max_loaded_models is {max} and no loaded model became idle in time (in use: {})", busy.join(", "))]
+    NoRoomToLoad { model: String, max: usize, busy: Vec<String> },
+
+    #[error("model {model} is in use by {users} requests or sequences; it can be unloaded once they finish")]
+    ModelBusy { model: String, users: usize },
+
+    #[error("model lifecycle: {0}")]
+    Lifecycle(String),
+
+    #[error("{0}")]
+    QuotaExceeded(#[from] super::QuotaExceeded),
 }

@@ -79,6 +79,11 @@ pub struct ModelManifest {
     /// Inputs computed in one embedding batch.
     #[serde(default = "defaults::embedding_max_inputs")]
     pub embedding_max_inputs: usize,
+    /// How long the model stays loaded after its last use: `-1` keeps it loaded (and loads
+    /// it at start), `0` unloads it after each use, `"5m"` after five idle minutes. Unset:
+    /// the server's `models.keep_alive`.
+    #[serde(default)]
+    pub keep_alive: Option<super::KeepAlive>,
     /// Where `models/fetch.py` gets the weights; the host ignores it.
     #[serde(default)]
     pub source: Option<toml::Table>,
@@ -167,6 +172,7 @@ impl ModelManifest {
             embedding_pooling: Pooling::default(),
             embedding_batch: None,
             embedding_max_inputs: defaults::embedding_max_inputs(),
+            keep_alive: None,
             source: None,
         }
     }

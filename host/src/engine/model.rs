@@ -1,7 +1,7 @@
 //! A loaded model: facts, tokenization, admission control and the handle to its scheduler.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -13,9 +13,10 @@ use tokio::sync::{oneshot, Semaphore};
 use super::backend::backend;
 use super::decode_thread::{Link, ModelSetup};
 use super::embedder::EmbedJob;
+use super::lifecycle::{Activity, FileStamp, ModelLease};
 use super::scheduler::Command;
 use super::tokenizer::{Tokenizer, Vocab};
-use super::{EngineError, ModelManifest, Sequence, Want};
+use super::{EngineError, ModelManifest, Sequence, TokenAccount, Want};
 
 /// Facts about a model that guests and clients need.
 #[derive(Clone, Debug)]
@@ -62,6 +63,8 @@ pub struct EngineStats {
     pub embedded_tokens: AtomicU64,
 }
 
+/// A loaded model: its weights, vocabulary and the link to its scheduler. It exists from
+/// a load to the matching unload; its handle (`ModelHandle`) outlives it.
 pub struct Model {
     manifest: ModelManifest,
     info: ModelInfo,
@@ -69,6 +72,10 @@ pub struct Model {
     link: Link,
     admission: Arc<Semaphore>,
     stats: Arc<EngineStats>,
+    /// Leases held on this model's handle (requests, open sequences).
+    pub(crate) activity: Arc<Activity>,
+    /// Set when it is being unloaded: no new lease may be taken on it.
+    pub(crate) retired: AtomicBool,
 }
 
 /// A model whose weights are loaded, waiting for its context on the decode thread.
@@ -89,7 +96,7 @@ impl Prepared {
         }
     }
 
-    pub(crate) fn finish(self, link: Link) -> Arc<Model> {
+    pub(crate) fn finish(self, link: Link, activity: Arc<Activity>) -> Arc<Model> {
         tracing::info!(
             model = %self.manifest.name,
             vocab = self.vocab.n_vocab,
@@ -104,6 +111,8 @@ impl Prepared {
             vocab: self.vocab,
             link,
             stats: self.stats,
+            activity,
+            retired: AtomicBool::new(false),
         })
     }
 }
@@ -115,34 +124,58 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
+fn missing(manifest: &ModelManifest, reason: String) -> EngineError {
+    EngineError::ModelFileMissing {
+        model: manifest.name.clone(),
+        path: manifest.file.clone(),
+        reason,
+        expected: manifest.sha256.clone().unwrap_or_else(|| "(none given)".into()),
+    }
+}
+
+fn file_metadata(manifest: &ModelManifest) -> Result<std::fs::Metadata, EngineError> {
+    let meta = std::fs::metadata(&manifest.file).map_err(|e| missing(manifest, e.to_string()))?;
+    if !meta.is_file() {
+        return Err(missing(manifest, "not a regular file".into()));
+    }
+    Ok(meta)
+}
+
+/// What can be checked of a model's file without reading it all: that it is there and
+/// starts like a GGUF file. The engine checks every manifest at start, loaded or not.
+pub(crate) fn check_model_file(manifest: &ModelManifest) -> Result<(), EngineError> {
+    file_metadata(manifest)?;
+    check_gguf_header(&manifest.file)
+}
+
 fn opt_token(t: LlamaToken) -> Option<i32> {
     (t.0 >= 0).then_some(t.0)
 }
 
 impl Model {
-    /// Verify the file and load the weights and tokenizer.
-    pub(crate) fn prepare(manifest: ModelManifest) -> Result<Prepared, EngineError> {
+    /// Verify the file (its sha256 once per unchanged file) and load the weights and
+    /// tokenizer. `stats` are the handle's, kept across loads.
+    pub(crate) fn prepare(
+        manifest: ModelManifest,
+        stats: Arc<EngineStats>,
+        verified: &Mutex<Option<FileStamp>>,
+    ) -> Result<Prepared, EngineError> {
         let path = manifest.file.clone();
-        let expected = manifest.sha256.clone().unwrap_or_else(|| "(none given)".into());
-        let missing = |reason: String| EngineError::ModelFileMissing {
-            model: manifest.name.clone(),
-            path: path.clone(),
-            reason,
-            expected: expected.clone(),
-        };
-        let meta = std::fs::metadata(&path).map_err(|e| missing(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(missing("not a regular file".into()));
-        }
+        let meta = file_metadata(&manifest)?;
         if let Some(want) = &manifest.sha256 {
-            let actual = sha256_file(&path).map_err(|e| missing(e.to_string()))?;
-            if !actual.eq_ignore_ascii_case(want) {
-                return Err(EngineError::ModelFileCorrupt {
-                    model: manifest.name.clone(),
-                    path,
-                    actual,
-                    expected: want.clone(),
-                });
+            let stamp = FileStamp::of(&meta);
+            let mut known = verified.lock().unwrap_or_else(|p| p.into_inner());
+            if *known != Some(stamp) {
+                let actual = sha256_file(&path).map_err(|e| missing(&manifest, e.to_string()))?;
+                if !actual.eq_ignore_ascii_case(want) {
+                    return Err(EngineError::ModelFileCorrupt {
+                        model: manifest.name.clone(),
+                        path,
+                        actual,
+                        expected: want.clone(),
+                    });
+                }
+                *known = Some(stamp);
             }
         }
         check_gguf_header(&path)?;
@@ -158,7 +191,6 @@ impl Model {
         let n_vocab = usize::try_from(llama.n_vocab()).unwrap_or(0);
         let info = model_info(&manifest, &llama, n_vocab);
         let vocab = Vocab { name: manifest.name.clone(), llama: llama.clone(), tokenizer, n_vocab };
-        let stats = Arc::new(EngineStats::default());
         Ok(Prepared { manifest, info, vocab, stats })
     }
 
@@ -204,16 +236,35 @@ impl Model {
     /// Open a sequence only if one is free right now. A caller that already holds a
     /// sequence uses this: waiting while holding one could deadlock with others doing the same.
     pub async fn open_now(self: &Arc<Self>) -> Result<Sequence, EngineError> {
+        self.open_now_charged(None).await
+    }
+
+    /// Open a sequence, waiting (bounded) for a free slot.
+    pub async fn open(self: &Arc<Self>) -> Result<Sequence, EngineError> {
+        self.open_charged(None).await
+    }
+
+    /// As [`Model::open_now`], charging the sequence's tokens to `account`.
+    pub async fn open_now_charged(
+        self: &Arc<Self>,
+        account: Option<Arc<dyn TokenAccount>>,
+    ) -> Result<Sequence, EngineError> {
+        let lease = ModelLease::on(self)?;
         let permit = self
             .admission
             .clone()
             .try_acquire_owned()
             .map_err(|_| EngineError::NoFreeSequence { model: self.name().to_string() })?;
-        self.start_sequence(permit).await
+        self.start_sequence(lease, permit, account).await
     }
 
-    /// Open a sequence, waiting (bounded) for a free slot.
-    pub async fn open(self: &Arc<Self>) -> Result<Sequence, EngineError> {
+    /// As [`Model::open`], charging the sequence's tokens to `account`: the engine refuses
+    /// any feed the account refuses.
+    pub async fn open_charged(
+        self: &Arc<Self>,
+        account: Option<Arc<dyn TokenAccount>>,
+    ) -> Result<Sequence, EngineError> {
+        let lease = ModelLease::on(self)?;
         let permit = match self.admission.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -231,12 +282,14 @@ impl Model {
                 }
             }
         };
-        self.start_sequence(permit).await
+        self.start_sequence(lease, permit, account).await
     }
 
     async fn start_sequence(
         self: &Arc<Self>,
+        lease: ModelLease,
         permit: tokio::sync::OwnedSemaphorePermit,
+        account: Option<Arc<dyn TokenAccount>>,
     ) -> Result<Sequence, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Open { reply })?;
@@ -244,7 +297,7 @@ impl Model {
         let seq_id = (&mut pending.rx).await.map_err(|_| self.stopped())??;
         self.stats.active_sequences.fetch_add(1, Ordering::Relaxed);
         self.stats.sequences_opened.fetch_add(1, Ordering::Relaxed);
-        Ok(Sequence::new(self.clone(), seq_id, permit))
+        Ok(Sequence::new(lease, seq_id, permit, account))
     }
 
     pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<i32>, EngineError> {
@@ -319,6 +372,15 @@ impl Model {
     /// One unit-length embedding per input (token ids), pooled as the manifest says. The
     /// inputs compute in one batch with every other embedding waiting at the same time.
     pub async fn embed(&self, inputs: Vec<Vec<i32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.embed_charged(inputs, None).await
+    }
+
+    /// As [`Model::embed`], charging the input tokens to `account` first.
+    pub async fn embed_charged(
+        &self,
+        inputs: Vec<Vec<i32>>,
+        account: Option<&dyn TokenAccount>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         // Positions past the training context would read outside a learned position table.
         let trained = usize::try_from(self.llama().n_ctx_train()).unwrap_or(usize::MAX);
         let limit = self.manifest.embedding_tokens().min(trained);
@@ -336,6 +398,10 @@ impl Model {
         }
         if inputs.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Some(account) = account {
+            let tokens: usize = inputs.iter().map(Vec::len).sum();
+            account.charge(tokens as u64, 0)?;
         }
         let (reply, rx) = oneshot::channel();
         if !self.link.embed(EmbedJob { inputs, reply }) {

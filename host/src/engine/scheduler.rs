@@ -130,6 +130,15 @@ pub(crate) struct Scheduler<'m> {
     last_step_time: Duration,
 }
 
+impl Drop for Scheduler<'_> {
+    /// The model unloads: what its gauges counted goes with it.
+    fn drop(&mut self) {
+        self.stats.kv_tokens.store(0, Ordering::Relaxed);
+        self.stats.cached_prefixes.store(0, Ordering::Relaxed);
+        self.stats.cached_bytes.store(0, Ordering::Relaxed);
+    }
+}
+
 impl<'m> Scheduler<'m> {
     pub(crate) fn new(
         m: &ModelManifest,

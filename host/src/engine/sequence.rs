@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
+use super::lifecycle::ModelLease;
 use super::scheduler::Command;
-use super::{EngineError, Model};
+use super::{EngineError, Model, TokenAccount};
 
 /// What a feed returns for the last position.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,7 +40,10 @@ pub enum Output {
 /// An open sequence. Dropping it frees its KV cells (or hands them to the prefix cache)
 /// at the scheduler's next command, and frees its admission slot.
 pub struct Sequence {
-    model: Arc<Model>,
+    /// Keeps the model loaded while the sequence is open.
+    model: ModelLease,
+    /// Charged for every feed before it is computed.
+    account: Option<Arc<dyn TokenAccount>>,
     seq_id: i32,
     len: usize,
     /// Set while a feed is in flight; stays set if that feed's future was dropped,
@@ -50,8 +54,13 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub(crate) fn new(model: Arc<Model>, seq_id: i32, permit: OwnedSemaphorePermit) -> Self {
-        Self { model, seq_id, len: 0, in_flight: false, _permit: permit }
+    pub(crate) fn new(
+        model: ModelLease,
+        seq_id: i32,
+        permit: OwnedSemaphorePermit,
+        account: Option<Arc<dyn TokenAccount>>,
+    ) -> Self {
+        Self { model, account, seq_id, len: 0, in_flight: false, _permit: permit }
     }
 
     /// Tokens held so far (prompt plus fed generated tokens).
@@ -86,6 +95,13 @@ impl Sequence {
             return Err(EngineError::ContextFull { requested: self.len + tokens.len(), limit });
         }
         self.model.validate_feed(tokens, &want)?;
+        if let Some(account) = &self.account {
+            // One token right after an answered feed is that answer's sample fed back: it
+            // was paid for as the generated token of that row.
+            let fed_back = tokens.len() == 1 && self.len > 0;
+            let prompt = if fed_back { 0 } else { tokens.len() as u64 };
+            account.charge(prompt, 1)?;
+        }
         let (reply, rx) = oneshot::channel();
         self.model.send(Command::Feed { seq: self.seq_id, tokens: tokens.to_vec(), want, reply })?;
         self.in_flight = true;

@@ -11,19 +11,25 @@ use serde_json::json;
 use super::body::{read_limited, ServerBody};
 use super::errors::ApiError;
 use super::{json_response, AppState};
+use crate::engine::{EngineError, ModelHandle, ModelStatus};
 use crate::plugins::DeployError;
 
 pub async fn handle(state: &AppState, req: Request<Incoming>) -> Result<Response<ServerBody>, ApiError> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let query = req.uri().query().unwrap_or("").to_string();
     let rest = path.strip_prefix("/admin").unwrap_or(&path).trim_end_matches('/');
     if let Some(tail) = rest.strip_prefix("/plugins/") {
         if let Some(resp) = deploys(state, &method, tail, req).await? {
             return Ok(resp);
         }
     }
+    if let Some(tail) = rest.strip_prefix("/models/") {
+        return model_lifecycle(state, &method, tail).await;
+    }
     match (&method, rest) {
         (&Method::GET, "/plugins") => Ok(json_response(StatusCode::OK, plugins(state))),
         (&Method::GET, "/models") => Ok(json_response(StatusCode::OK, models(state))),
+        (&Method::GET, "/usage") => usage(state, &query),
         (&Method::POST, "/reload") => {
             let report = state.runtime.reload().await;
             Ok(json_response(StatusCode::OK, json!(report)))
@@ -85,32 +91,107 @@ fn plugins(state: &AppState) -> serde_json::Value {
     json!({ "plugins": loaded, "failed": failed })
 }
 
-fn models(state: &AppState) -> serde_json::Value {
-    let models: Vec<_> = state
-        .runtime
-        .engine()
-        .models()
-        .map(|m| {
-            let (i, s) = (m.info(), m.stats());
-            json!({
-                "name": i.name,
-                "state": "loaded",
-                "description": i.description,
-                "vocab_size": i.vocab_size,
-                "context_length": i.context_length,
-                "max_sequences": i.max_sequences,
+fn unix(t: Option<std::time::SystemTime>) -> Option<u64> {
+    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs())
+}
+
+fn model_json(m: &ModelHandle, status: ModelStatus) -> serde_json::Value {
+    let (manifest, s) = (m.manifest(), m.stats());
+    json!({
+        "name": m.name(),
+        "state": status.state.as_str(),
+        "pinned": status.pinned,
+        "keep_alive": status.keep_alive.describe(),
+        "leases": status.users,
+        "idle_seconds": status.idle_for.map(|d| d.as_secs_f64()),
+        "loaded_at": unix(status.loaded_at),
+        "last_load_ms": status.last_load_time.map(|d| d.as_millis() as u64),
+        "loads": m.load_count(),
+        "last_error": status.last_error,
+        "description": manifest.description,
+        "vocab_size": status.info.as_ref().map(|i| i.vocab_size),
+        "context_length": manifest.context_length,
+        "max_sequences": manifest.max_sequences,
                 "active_sequences": s.active_sequences.load(Ordering::Relaxed),
                 "waiting_opens": s.waiting_opens.load(Ordering::Relaxed),
                 "kv_tokens": s.kv_tokens.load(Ordering::Relaxed),
                 "prefix_cache_entries": s.cached_prefixes.load(Ordering::Relaxed),
                 "generated_tokens": s.decode_tokens.load(Ordering::Relaxed),
                 "prefill_tokens": s.prefill_tokens.load(Ordering::Relaxed),
-                "reused_prefix_tokens": s.reused_tokens.load(Ordering::Relaxed),
-                "embedding_tokens": s.embedded_tokens.load(Ordering::Relaxed),
-            })
-        })
-        .collect();
-    json!({ "models": models })
+        "reused_prefix_tokens": s.reused_tokens.load(Ordering::Relaxed),
+        "embedding_tokens": s.embedded_tokens.load(Ordering::Relaxed),
+    })
+}
+
+fn models(state: &AppState) -> serde_json::Value {
+    let engine = state.runtime.engine();
+    let models: Vec<_> = engine.models().map(|m| model_json(m, m.status())).collect();
+    let lifecycle = engine.lifecycle();
+    json!({
+        "models": models,
+        "keep_alive": lifecycle.keep_alive.describe(),
+        "max_loaded_models": lifecycle.max_loaded_models,
+    })
+}
+
+/// `POST /admin/models/<name>/load | unload | pin | unpin`, `GET /admin/models/<name>`.
+async fn model_lifecycle(state: &AppState, method: &Method, tail: &str) -> Result<Response<ServerBody>, ApiError> {
+    let engine = state.runtime.engine();
+    let (name, action) = tail.split_once('/').unwrap_or((tail, ""));
+    let handle = engine.model(name).map_err(|e| ApiError::not_found(e.to_string()))?;
+    let failed = |e: EngineError| {
+        let status = match &e {
+            EngineError::ModelBusy { .. } | EngineError::Lifecycle(_) => StatusCode::CONFLICT,
+            EngineError::NoRoomToLoad { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+        ApiError::new(status, kind, e.to_string())
+    };
+    let status = match (method, action) {
+        (&Method::GET, "") => handle.status(),
+        // The state while loaded (with keep_alive 0 it unloads right after).
+        (&Method::POST, "load") => engine.load_model(name).await.map_err(failed)?,
+        (&Method::POST, "unload") => {
+            engine.unload_model(name).map_err(failed)?;
+            handle.status()
+        }
+        (&Method::POST, "pin") => engine.pin_model(name, true).await.map_err(failed)?,
+        (&Method::POST, "unpin") => engine.pin_model(name, false).await.map_err(failed)?,
+        _ => return Err(ApiError::not_found(format!("no admin endpoint {method} /admin/models/{tail}"))),
+    };
+    Ok(json_response(StatusCode::OK, model_json(handle, status)))
+}
+
+/// `GET /admin/usage?since=<unix seconds | RFC 3339>&key=<name>&plugin=<name>`.
+fn usage(state: &AppState, query: &str) -> Result<Response<ServerBody>, ApiError> {
+    let mut since = 0;
+    let (mut key, mut plugin) = (None, None);
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "since" => since = parse_time(&v)?,
+            "key" => key = Some(v.into_owned()),
+            "plugin" => plugin = Some(v.into_owned()),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}; use since, key or plugin"
+                )))
+            }
+        }
+    }
+    let report = state.tenants.ledger().report(since, key.as_deref(), plugin.as_deref());
+    Ok(json_response(StatusCode::OK, json!(report)))
+}
+
+/// `since` as unix seconds or an RFC 3339 time.
+fn parse_time(v: &str) -> Result<u64, ApiError> {
+    if let Ok(secs) = v.parse::<u64>() {
+        return Ok(secs);
+    }
+    let t = humantime::parse_rfc3339_weak(v).map_err(|e| {
+        ApiError::bad_request(format!("since={v:?} is neither unix seconds nor an RFC 3339 time ({e})"))
+    })?;
+    Ok(unix(Some(t)).unwrap_or(0))
 }
 
 impl From<DeployError> for ApiError {

@@ -41,6 +41,29 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message)
     }
 
+    /// 429: the request's API key has spent a quota.
+    pub fn quota(key: &str, refused: &crate::tenants::Refused) -> Self {
+        let (message, after) = match refused.retry_after {
+            Some(after) => (
+                format!(
+                    "rate limit: API key {key:?} reached its {} quota of {}; retry after {:.1} s",
+                    refused.quota,
+                    refused.limit,
+                    after.as_secs_f64()
+                ),
+                after,
+            ),
+            None => (
+                format!(
+                    "rate limit: this request needs more than API key {key:?}'s whole {} quota of {}",
+                    refused.quota, refused.limit
+                ),
+                Duration::from_secs(60),
+            ),
+        };
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).retry_after(after)
+    }
+
     pub fn into_response(self) -> Response<ServerBody> {
         let body = json!({
             "error": { "message": self.message, "type": self.kind, "param": null, "code": self.status.as_u16() }
@@ -49,7 +72,8 @@ impl ApiError {
         *resp.status_mut() = self.status;
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(after) = self.retry_after {
-            let secs = after.as_secs().max(1).to_string();
+            // Rounded up: a client that waits this long finds room.
+            let secs = after.as_millis().div_ceil(1000).max(1).to_string();
             if let Ok(v) = HeaderValue::from_str(&secs) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }

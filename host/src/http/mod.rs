@@ -21,7 +21,8 @@ use tracing::Instrument;
 
 use crate::config::{AuthConfig, ServerConfig};
 use crate::metrics::Metrics;
-use crate::plugins::PluginRuntime;
+use crate::plugins::{PluginRuntime, RequestAccount};
+use crate::tenants::{AuthError, Tenants};
 use body::{full, read_limited, too_large, Ending, ResponseBody, ServerBody};
 pub use conn::{serve, ConnLimits};
 pub use errors::ApiError;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub max_upload_bytes: usize,
     /// Where deploys by OCI reference pull from.
     pub registries: crate::oci::Registries,
+    /// API keys, their quotas and what they used.
+    pub tenants: Arc<Tenants>,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
     next_id: AtomicU64,
@@ -54,10 +57,12 @@ impl AppState {
         auth: AuthConfig,
         max_upload_bytes: usize,
         registries: crate::oci::Registries,
+        tenants: Arc<Tenants>,
     ) -> Arc<Self> {
         Arc::new(Self {
             max_upload_bytes,
             registries,
+            tenants,
             slots: Arc::new(Semaphore::new(server.max_in_flight)),
             runtime,
             metrics,
@@ -86,7 +91,14 @@ fn request_id(state: &AppState, req: &Request<Incoming>) -> String {
 
 async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ServerBody> {
     let id = request_id(&state, &req);
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    // `key` is the API key's name (never the key), filled in once it is known.
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        key = tracing::field::Empty
+    );
     let started = Instant::now();
     let mut resp = async {
         let (resp, plugin) = route(&state, req, started).await;
@@ -242,7 +254,12 @@ async fn serve_plugin(
     };
     let name = plugin.name.clone();
     let result = async {
-        auth::check(req.headers(), state.auth.api_keys.iter().chain(plugin.manifest.api_keys.iter()))?;
+        let tenant = match state.tenants.authenticate(req.headers(), &plugin.manifest.api_keys) {
+            Ok(tenant) => tenant,
+            Err(_) if plugin.manifest.public => state.tenants.anonymous(),
+            Err(e @ (AuthError::Missing | AuthError::Invalid)) => return Err(ApiError::unauthorized(e.to_string())),
+        };
+        tracing::Span::current().record("key", tracing::field::display(tenant.name()));
         let limit = state.server.max_body_bytes;
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit as u64) {
@@ -253,9 +270,14 @@ async fn serve_plugin(
         if parts.uri.authority().is_none() && !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, HeaderValue::from_static("localhost"));
         }
-        let slot = (acquire_slot(state).await?, InFlight::new(&state.metrics));
+        let admission = state.tenants.admit(&tenant, &name).map_err(|refused| {
+            tracing::info!(key = %tenant.name(), quota = refused.quota, "request refused by a quota");
+            ApiError::quota(tenant.name(), &refused)
+        })?;
+        let account: Arc<dyn RequestAccount> = admission.account.clone();
+        let slot = (acquire_slot(state).await?, InFlight::new(&state.metrics), admission);
         let guest_req = Request::from_parts(parts, Full::new(bytes));
-        let resp = state.runtime.invoke(&plugin, guest_req).await?;
+        let resp = state.runtime.invoke(&plugin, guest_req, Some(account)).await?;
         Ok((resp, slot))
     }
     .await;

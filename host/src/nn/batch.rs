@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use wasmtime::component::Resource;
 
 use super::bindings::flywheel::llm::batch;
-use super::{engine_error, ErrorCode, ExecutionContext, GraphHandle, NamedTensor, NnError, NnView};
+use super::{ErrorCode, ExecutionContext, GraphHandle, NamedTensor, NnError, NnView};
 
 /// Most inputs one `embed` call takes (OpenAI's limit for one request).
 const MAX_EMBED_INPUTS: usize = 2048;
@@ -37,7 +37,8 @@ impl batch::Host for NnView<'_> {
                 self.submit(&ctx, inputs)?
             } else {
                 self.discard(inputs)?;
-                Err((ErrorCode::InvalidArgument, "an execution context is listed twice in one compute-many".into()))
+                let msg = "an execution context is listed twice in one compute-many";
+                Err((ErrorCode::InvalidArgument, msg.to_string()).into())
             };
             submitted.push((ctx, feed));
         }
@@ -45,7 +46,7 @@ impl batch::Host for NnView<'_> {
         for (ctx, feed) in submitted {
             results.push(match feed {
                 Ok(pending) => self.complete(&ctx, pending).await?,
-                Err((code, message)) => Err(self.error(code, message)?),
+                Err(refusal) => Err(self.refuse(refusal)?),
             });
         }
         Ok(results)
@@ -66,9 +67,10 @@ impl batch::Host for NnView<'_> {
             return Ok(Err(self.error(ErrorCode::RuntimeError, msg)?));
         }
         let model = self.table.get(&graph)?.model.clone();
-        match model.embed(inputs).await {
+        let account = self.ctx.account.clone();
+        match model.embed_charged(inputs, account.as_deref()).await {
             Ok(vectors) => Ok(Ok(vectors)),
-            Err(e) => Ok(Err(self.error(engine_error(&e), e.to_string())?)),
+            Err(e) => Ok(Err(self.refuse(e)?)),
         }
     }
 }

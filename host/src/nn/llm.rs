@@ -2,8 +2,7 @@
 
 use super::bindings::flywheel::llm::model::{self, ChatMessage, Error, ErrorCode, ModelInfo};
 use super::NnView;
-use crate::engine::{EngineError, Model};
-use std::sync::Arc;
+use crate::engine::{EngineError, ModelLease};
 
 fn err(code: ErrorCode, message: impl Into<String>) -> Error {
     Error { code, message: message.into() }
@@ -28,14 +27,16 @@ fn too_long(what: &str, n: usize, max: usize) -> Error {
 }
 
 impl NnView<'_> {
-    fn llm_model(&mut self, name: &str) -> Result<Arc<Model>, Error> {
+    /// The model, loaded first if it must be (this waits for the load).
+    async fn llm_model(&mut self, name: &str) -> Result<ModelLease, Error> {
         self.ctx.note_call();
-        self.ctx.model(name).map_err(|(code, message)| {
-            let code = match code {
+        self.ctx.model(name).await.map_err(|refusal| {
+            let code = match refusal.code {
                 super::ErrorCode::Security => ErrorCode::NotAllowed,
+                super::ErrorCode::InvalidArgument => ErrorCode::InvalidArgument,
                 _ => ErrorCode::NotFound,
             };
-            err(code, message)
+            err(code, refusal.message)
         })
     }
 }
@@ -46,8 +47,8 @@ impl model::Host for NnView<'_> {
         Ok(self.ctx.allowed_model_names())
     }
 
-    fn info(&mut self, name: String) -> wasmtime::Result<Result<ModelInfo, Error>> {
-        Ok(self.llm_model(&name).map(|m| {
+    async fn info(&mut self, name: String) -> wasmtime::Result<Result<ModelInfo, Error>> {
+        Ok(self.llm_model(&name).await.map(|m| {
             let i = m.info();
             ModelInfo {
                 name: i.name.clone(),
@@ -64,7 +65,7 @@ impl model::Host for NnView<'_> {
         }))
     }
 
-    fn tokenize(
+    async fn tokenize(
         &mut self,
         name: String,
         text: String,
@@ -74,10 +75,11 @@ impl model::Host for NnView<'_> {
         if text.len() > MAX_TEXT_BYTES {
             return Ok(Err(too_long("the text", text.len(), MAX_TEXT_BYTES)));
         }
-        Ok(self.llm_model(&name).and_then(|m| m.tokenize(&text, add_special, parse_special).map_err(from_engine)))
+        let model = self.llm_model(&name).await;
+        Ok(model.and_then(|m| m.tokenize(&text, add_special, parse_special).map_err(from_engine)))
     }
 
-    fn detokenize(
+    async fn detokenize(
         &mut self,
         name: String,
         tokens: Vec<i32>,
@@ -86,10 +88,11 @@ impl model::Host for NnView<'_> {
         if tokens.len() > MAX_TOKENS {
             return Ok(Err(too_long("the token list", tokens.len(), MAX_TOKENS)));
         }
-        Ok(self.llm_model(&name).and_then(|m| m.detokenize(&tokens, render_special).map_err(from_engine)))
+        let model = self.llm_model(&name).await;
+        Ok(model.and_then(|m| m.detokenize(&tokens, render_special).map_err(from_engine)))
     }
 
-    fn token_bytes(
+    async fn token_bytes(
         &mut self,
         name: String,
         tokens: Vec<i32>,
@@ -98,10 +101,11 @@ impl model::Host for NnView<'_> {
         if tokens.len() > MAX_TOKENS {
             return Ok(Err(too_long("the token list", tokens.len(), MAX_TOKENS)));
         }
-        Ok(self.llm_model(&name).and_then(|m| m.token_bytes(&tokens, render_special).map_err(from_engine)))
+        let model = self.llm_model(&name).await;
+        Ok(model.and_then(|m| m.token_bytes(&tokens, render_special).map_err(from_engine)))
     }
 
-    fn apply_chat_template(
+    async fn apply_chat_template(
         &mut self,
         name: String,
         messages: Vec<ChatMessage>,
@@ -111,7 +115,8 @@ impl model::Host for NnView<'_> {
         if size > MAX_TEXT_BYTES {
             return Ok(Err(too_long("the conversation", size, MAX_TEXT_BYTES)));
         }
-        Ok(self.llm_model(&name).and_then(|m| {
+        let model = self.llm_model(&name).await;
+        Ok(model.and_then(|m| {
             let messages: Vec<(String, String)> = messages.into_iter().map(|c| (c.role, c.content)).collect();
             m.apply_chat_template(&messages, add_generation_prompt).map_err(from_engine)
         }))

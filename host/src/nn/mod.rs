@@ -9,22 +9,49 @@
 mod batch;
 mod bindings;
 mod llm;
+mod quota;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::engine::{Engine, EngineError, Model, Output, PendingFeed, Sequence, Want};
+use crate::engine::{
+    Engine, EngineError, ModelLease, Output, PendingFeed, QuotaExceeded, Sequence, TokenAccount, Want,
+};
 use bindings::wasi::nn::errors::ErrorCode;
 use bindings::wasi::nn::graph::{ExecutionTarget, GraphBuilder, GraphEncoding};
 use bindings::wasi::nn::inference::NamedTensor;
 use bindings::wasi::nn::tensor::{TensorData, TensorDimensions, TensorType};
 use bindings::wasi::nn::{errors, graph, inference, tensor};
 
-/// Why the host refuses a guest call: the wasi-nn code and a message.
-type Refusal = (ErrorCode, String);
+/// Why the host refuses a guest call: the wasi-nn code, a message, and the quota when one
+/// is why (guests read it through `flywheel:llm/quota`).
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+    quota: Option<QuotaExceeded>,
+}
+
+impl From<(ErrorCode, String)> for Refusal {
+    fn from((code, message): (ErrorCode, String)) -> Self {
+        Self { code, message, quota: None }
+    }
+}
+
+impl From<EngineError> for Refusal {
+    fn from(e: EngineError) -> Self {
+        let code = engine_error(&e);
+        let message = e.to_string();
+        let quota = match e {
+            EngineError::QuotaExceeded(q) => Some(q),
+            _ => None,
+        };
+        Self { code, message, quota }
+    }
+}
 
 /// Input tensor names `compute` understands.
 pub const INPUT_IDS: &str = "input_ids";
@@ -35,9 +62,9 @@ pub const LOGPROBS: &str = "logprobs";
 /// Longest model name a guest may pass (names are echoed in error messages).
 const MAX_MODEL_NAME: usize = 256;
 
-/// A graph: a loaded model this plugin may use.
+/// A graph: a model this plugin may use, loaded and kept loaded while the graph lives.
 pub struct GraphHandle {
-    model: Arc<Model>,
+    model: ModelLease,
 }
 
 /// An execution context: one engine sequence. Dropping it frees the KV cells.
@@ -54,6 +81,7 @@ pub struct TensorHandle {
 pub struct NnError {
     code: ErrorCode,
     message: String,
+    quota: Option<QuotaExceeded>,
 }
 
 /// Which models a plugin may use.
@@ -103,6 +131,10 @@ pub struct NnCtx {
     /// Set when nobody waits for this instance's answer any more (the client went away):
     /// no further tokens are decoded for it, even before the instance itself is stopped.
     abandoned: Arc<AtomicBool>,
+    /// Who the request runs for: charged by the engine for every token computed.
+    account: Option<Arc<dyn TokenAccount>>,
+    /// Models this instance has used, each kept loaded until the instance ends.
+    leases: HashMap<String, ModelLease>,
 }
 
 impl NnCtx {
@@ -114,6 +146,7 @@ impl NnCtx {
         max_contexts: usize,
         max_tensor_bytes: usize,
         observer: Arc<dyn NnObserver>,
+        account: Option<Arc<dyn TokenAccount>>,
     ) -> Self {
         Self {
             engine,
@@ -129,6 +162,8 @@ impl NnCtx {
             max_tensor_bytes,
             tensor_limit_hit: false,
             abandoned: Arc::new(AtomicBool::new(false)),
+            account,
+            leases: HashMap::new(),
         }
     }
 
@@ -149,16 +184,26 @@ impl NnCtx {
         self.tensor_limit_hit
     }
 
-    /// The model named `name`, if it is loaded and this plugin may use it.
-    fn model(&self, name: &str) -> Result<Arc<Model>, Refusal> {
+    /// The model named `name`, if this plugin may use it: loaded first if it is not (the
+    /// guest waits), and kept loaded until this instance ends.
+    async fn model(&mut self, name: &str) -> Result<ModelLease, Refusal> {
         if name.len() > MAX_MODEL_NAME {
-            return Err((ErrorCode::InvalidArgument, format!("model names are at most {MAX_MODEL_NAME} bytes")));
+            let msg = format!("model names are at most {MAX_MODEL_NAME} bytes");
+            return Err((ErrorCode::InvalidArgument, msg).into());
         }
-        let model = self.engine.model(name).cloned().map_err(|e| (ErrorCode::NotFound, e.to_string()))?;
+        self.engine.model(name).map_err(|e| (ErrorCode::NotFound, e.to_string()))?;
         if !self.allowed.allows(name) {
-            return Err((ErrorCode::Security, format!("plugin {} may not use model {name:?}", self.plugin)));
+            return Err((ErrorCode::Security, format!("plugin {} may not use model {name:?}", self.plugin)).into());
         }
-        Ok(model)
+        if let Some(lease) = self.leases.get(name) {
+            return Ok(lease.clone());
+        }
+        if self.abandoned.load(Ordering::Relaxed) {
+            return Err((ErrorCode::RuntimeError, "the client went away; this request is abandoned".into()).into());
+        }
+        let lease = self.engine.acquire(name).await?;
+        self.leases.insert(name.to_string(), lease.clone());
+        Ok(lease)
     }
 
     fn allowed_model_names(&self) -> Vec<String> {
@@ -195,7 +240,13 @@ fn engine_error(e: &EngineError) -> ErrorCode {
         | EngineError::QueueFull { .. }
         | EngineError::NoFreeSequence { .. }
         | EngineError::KvCacheFull { .. }
+        | EngineError::NoRoomToLoad { .. }
+        | EngineError::ModelUnloaded(_)
         | EngineError::SchedulerStopped(_) => ErrorCode::Timeout,
+        // A quota that a later retry can meet is "busy"; one the request can never fit is
+        // "too large".
+        EngineError::QuotaExceeded(q) if q.retry_after.is_some() => ErrorCode::Timeout,
+        EngineError::QuotaExceeded(_) => ErrorCode::TooLarge,
         _ => ErrorCode::RuntimeError,
     }
 }
@@ -218,7 +269,12 @@ impl NnView<'_> {
     }
 
     fn error(&mut self, code: ErrorCode, message: impl Into<String>) -> wasmtime::Result<Resource<NnError>> {
-        Ok(self.table.push(NnError { code, message: message.into() })?)
+        self.refuse(Refusal { code, message: message.into(), quota: None })
+    }
+
+    fn refuse(&mut self, r: impl Into<Refusal>) -> wasmtime::Result<Resource<NnError>> {
+        let Refusal { code, message, quota } = r.into();
+        Ok(self.table.push(NnError { code, message, quota })?)
     }
 
     /// Parse `compute`'s inputs into tokens and what to return.
@@ -274,17 +330,17 @@ impl NnView<'_> {
             }
         }
         if let Some(msg) = problem {
-            return Ok(Err((ErrorCode::InvalidArgument, msg)));
+            return Ok(Err((ErrorCode::InvalidArgument, msg).into()));
         }
         let Some(ids) = ids else {
-            return Ok(Err((ErrorCode::InvalidArgument, format!("missing input tensor {INPUT_IDS:?}"))));
+            return Ok(Err((ErrorCode::InvalidArgument, format!("missing input tensor {INPUT_IDS:?}")).into()));
         };
         let want = match (top_k, allowed) {
             (Some(k), allowed) => Want::TopK { k, allowed, logprobs },
             (None, None) if !logprobs => Want::Logits,
             (None, _) => {
                 let msg = format!("{ALLOWED_IDS:?} and {LOGPROBS:?} need {TOP_K:?}");
-                return Ok(Err((ErrorCode::InvalidArgument, msg)));
+                return Ok(Err((ErrorCode::InvalidArgument, msg).into()));
             }
         };
         Ok(Ok((ids, want)))
@@ -304,10 +360,10 @@ impl NnView<'_> {
             Err(refusal) => return Ok(Err(refusal)),
         };
         if self.ctx.abandoned.load(Ordering::Relaxed) {
-            return Ok(Err((ErrorCode::RuntimeError, "the client went away; this request is abandoned".into())));
+            return Ok(Err((ErrorCode::RuntimeError, "the client went away; this request is abandoned".into()).into()));
         }
         let submitted = self.table.get_mut(ctx)?.sequence.submit(&ids, want);
-        Ok(submitted.map_err(|e| (engine_error(&e), e.to_string())))
+        Ok(submitted.map_err(Refusal::from))
     }
 
     /// Wait for a submitted compute and hand its outputs to the guest as tensors.
@@ -318,7 +374,7 @@ impl NnView<'_> {
     ) -> wasmtime::Result<Result<Vec<NamedTensor>, Resource<NnError>>> {
         let out = match self.table.get_mut(ctx)?.sequence.complete(pending).await {
             Ok(out) => out,
-            Err(e) => return Ok(Err(self.error(engine_error(&e), e.to_string())?)),
+            Err(e) => return Ok(Err(self.refuse(e)?)),
         };
         if !self.ctx.first_output_seen {
             self.ctx.first_output_seen = true;
@@ -392,11 +448,14 @@ impl graph::Host for NnView<'_> {
         )?))
     }
 
-    fn load_by_name(&mut self, name: String) -> wasmtime::Result<Result<Resource<GraphHandle>, Resource<NnError>>> {
+    async fn load_by_name(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Resource<GraphHandle>, Resource<NnError>>> {
         self.ctx.note_call();
-        match self.ctx.model(&name) {
+        match self.ctx.model(&name).await {
             Ok(model) => Ok(Ok(self.table.push(GraphHandle { model })?)),
-            Err((code, msg)) => Ok(Err(self.error(code, msg)?)),
+            Err(refusal) => Ok(Err(self.refuse(refusal)?)),
         }
     }
 }
@@ -417,13 +476,18 @@ impl graph::HostGraph for NnView<'_> {
         let model = self.table.get(&graph)?.model.clone();
         // Only the first context waits for a free sequence: an instance waiting for a second
         // while holding one could deadlock with others doing the same.
-        let opened = if self.ctx.open_contexts == 0 { model.open().await } else { model.open_now().await };
+        let account = self.ctx.account.clone();
+        let opened = if self.ctx.open_contexts == 0 {
+            model.open_charged(account).await
+        } else {
+            model.open_now_charged(account).await
+        };
         match opened {
             Ok(sequence) => {
                 self.ctx.open_contexts += 1;
                 Ok(Ok(self.table.push(ExecutionContext { sequence })?))
             }
-            Err(e) => Ok(Err(self.error(engine_error(&e), e.to_string())?)),
+            Err(e) => Ok(Err(self.refuse(e)?)),
         }
     }
 
@@ -444,7 +508,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         self.ctx.note_call();
         let pending = match self.submit(&ctx, inputs)? {
             Ok(p) => p,
-            Err((code, msg)) => return Ok(Err(self.error(code, msg)?)),
+            Err(refusal) => return Ok(Err(self.refuse(refusal)?)),
         };
         self.complete(&ctx, pending).await
     }

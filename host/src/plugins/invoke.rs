@@ -18,7 +18,14 @@ use wasmtime_wasi_http::WasiHttpView;
 use super::registry::Plugin;
 use super::store::{sandboxed_wasi, MemoryLimit, OutgoingPolicy, PluginState};
 use super::PluginRuntime;
+use crate::engine::TokenAccount;
 use crate::nn::NnCtx;
+
+/// Who a request runs for, as the HTTP layer decided: charged by the engine for the tokens
+/// its guest computes, and told the CPU time its guest used.
+pub trait RequestAccount: TokenAccount {
+    fn guest_cpu(&self, spent: Duration);
+}
 
 /// Why a guest stopped before finishing its request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,6 +171,7 @@ impl PluginRuntime {
         &self,
         plugin: &Arc<Plugin>,
         req: hyper::Request<B>,
+        account: Option<Arc<dyn RequestAccount>>,
     ) -> Result<hyper::Response<PluginBody>, InvokeError>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -202,6 +210,7 @@ impl PluginRuntime {
                 m.max_contexts,
                 memory_bytes,
                 self.nn_observer.clone(),
+                account.clone().map(|a| a as Arc<dyn TokenAccount>),
             ),
         };
         let abandoned = state.nn.abandonment();
@@ -246,7 +255,15 @@ impl PluginRuntime {
                 observer.instantiated(&task_name, started.elapsed());
                 proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await.map_err(|e| (false, e))
             };
-            let outcome = tokio::time::timeout_at(deadline.into(), run).await;
+            let (outcome, cpu) = {
+                let mut timed = CpuTimed { run: std::pin::pin!(run), spent: Duration::ZERO };
+                let outcome = tokio::time::timeout_at(deadline.into(), &mut timed).await;
+                (outcome, timed.spent)
+            };
+            observer.guest_cpu(&task_name, cpu);
+            if let Some(account) = &account {
+                account.guest_cpu(cpu);
+            }
             let result = classify(&task_name, outcome, &store, deadline_after);
             if let Err(InvokeError::Trap { kind, .. }) = &result {
                 observer.trapped(&task_name, kind);
@@ -282,6 +299,24 @@ impl PluginRuntime {
                 Err(join) => Err(InvokeError::Trap { plugin: name, kind: TrapKind::Other(join.to_string()) }),
             },
         }
+    }
+}
+
+/// A guest's run, adding up the CPU time of the threads that poll it: what the guest
+/// computed, not the time it spent waiting on the engine or the client.
+struct CpuTimed<F> {
+    run: F,
+    spent: Duration,
+}
+
+impl<F: Future + Unpin> Future for CpuTimed<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let started = crate::sys::thread_cpu_time();
+        let poll = Pin::new(&mut self.run).poll(cx);
+        self.spent += crate::sys::thread_cpu_time().saturating_sub(started);
+        poll
     }
 }
 

@@ -40,6 +40,11 @@ pub struct PluginManifest {
     /// Bearer keys that may call this plugin, besides the server's global keys.
     #[serde(default)]
     pub api_keys: Vec<String>,
+    /// Served without an API key even when the server has keys (a page whose data comes
+    /// from endpoints that need keys of their own). A request that does send a valid key is
+    /// metered under it.
+    #[serde(default)]
+    pub public: bool,
 }
 
 mod defaults {
@@ -69,6 +74,7 @@ impl Default for PluginManifest {
             config: BTreeMap::new(),
             allowed_hosts: Vec::new(),
             api_keys: Vec::new(),
+            public: false,
         }
     }
 }

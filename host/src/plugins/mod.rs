@@ -23,7 +23,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, InstanceAllocationStrategy};
 
 pub use deploy::{DeployError, Deployed};
-pub use invoke::{BodyError, InvokeError, PluginBody, TrapKind};
+pub use invoke::{BodyError, InvokeError, PluginBody, RequestAccount, TrapKind};
 pub use manifest::{PluginManifest, RESERVED_PREFIXES};
 pub use pool::{ComponentNeeds, PoolSize};
 pub use registry::{Plugin, PluginFailure, PluginSet};
@@ -45,6 +45,8 @@ pub trait PluginObserver: Send + Sync {
     /// the host (only with [`RuntimeConfig::probe_first_host_call`]).
     fn first_host_call(&self, _plugin: &str, _since_start: Duration) {}
     fn trapped(&self, _plugin: &str, _kind: &TrapKind) {}
+    /// CPU time one request's guest ran on the host's threads.
+    fn guest_cpu(&self, _plugin: &str, _spent: Duration) {}
 }
 
 #[derive(Clone, Debug)]

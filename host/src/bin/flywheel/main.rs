@@ -249,7 +249,7 @@ fn load_manifest(args: &ModelArgs) -> anyhow::Result<ModelManifest> {
 
 fn load_model(manifest: ModelManifest) -> anyhow::Result<Arc<Model>> {
     let engine = Engine::load(vec![manifest], Arc::new(NoObserver))?;
-    let model = engine.models().next().cloned();
+    let model = engine.models().next().and_then(|h| h.loaded());
     model.context("no model loaded")
 }
 
@@ -485,7 +485,7 @@ async fn bench_plugin(args: PluginBenchArgs) -> anyhow::Result<()> {
     );
     let model_name = manifest.name.clone();
     let engine = Arc::new(Engine::load(vec![manifest], Arc::new(NoObserver))?);
-    let model = engine.model(&model_name)?.clone();
+    let model = engine.model(&model_name)?.loaded().context("the model did not load")?;
     // A private plugin directory holding just the `complete` plugin.
     let dir = std::env::temp_dir().join(format!("flywheel-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
