@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest="${1:-.flywheel/plugins}"
-plugins=(complete json stream openai)
+plugins=(complete json stream openai console)
 args=()
 for p in "${plugins[@]}"; do args+=(-p "$p"); done
 # The Rust examples in one cargo run (faster than one build-plugin.sh each).

@@ -37,10 +37,14 @@ export FLYWHEEL_REQUIRE_REGISTRY=1
 # Python and JavaScript plugins build with pinned componentize-py and componentize-js.
 bash scripts/plugin-toolchains.sh py js
 
+# The console is tested in Debian's Chromium, driven by a pinned playwright-core.
+bash scripts/browser-toolchain.sh
+export FLYWHEEL_REQUIRE_BROWSER=1
+
 # Formatting and lint checks need these components (no-ops when present).
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
-guests=(-p flywheel-guest -p complete -p json -p stream -p openai -p hostile)
+guests=(-p flywheel-guest -p complete -p json -p stream -p openai -p console -p hostile)
 cargo fmt --all --check
 cargo clippy --release --all-targets -- -D warnings
 cargo clippy --profile guest --target wasm32-wasip2 "${guests[@]}" -- -D warnings

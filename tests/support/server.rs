@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-const GUESTS: &[&str] = &["complete", "json", "stream", "openai", "hostile"];
+const GUESTS: &[&str] = &["complete", "json", "stream", "openai", "console", "hostile"];
 
 /// The compiled guest component `name`. All guests are built once per test process with
 /// the workspace's `guest` profile (a no-op when up to date).
