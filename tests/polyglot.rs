@@ -184,3 +184,41 @@ async fn sixty_four_python_instances_run_at_once_with_the_default_limits() {
     assert!(s.wait_idle(Duration::from_secs(5)).await);
     s.shutdown().await;
 }
+
+/// A key's token quota stops Python and JavaScript generations too: the SDKs read the
+/// refusal through `flywheel:llm/quota`, a stream ends with a `rate_limit_error` event and no
+/// `[DONE]`, a plain answer is a 429 with `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_quota_stops_python_and_javascript_generations_with_a_rate_limit_error() {
+    let key = |name: &str, tokens: u32| flywheel::config::KeyConfig {
+        name: name.into(),
+        key: Some(format!("sk-{name}")),
+        key_env: None,
+        requests_per_minute: None,
+        tokens_per_minute: Some(tokens),
+        max_concurrent: None,
+    };
+    let keys = vec![key("py-stream", 40), key("js-stream", 40), key("py-whole", 30), key("js-whole", 30)];
+    let Some(s) = server(&[("py-complete", ""), ("js-complete", "")], |c| c.auth.keys = keys).await else { return };
+    const LONG: &str = r#"{"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "ignore_eos": true"#;
+    for lang in ["py", "js"] {
+        let path = format!("/fn/{lang}-complete");
+        let mut resp = s.open_as(&format!("sk-{lang}-stream"), &path, &format!("{LONG}, \"stream\": true}}")).await;
+        assert_eq!(resp.status(), 200);
+        let events = read_events(&mut resp, 1000).await;
+        let last = events.last().expect("events");
+        assert_ne!(last, "[DONE]", "{lang}: a stream stopped by its quota must not look complete");
+        let error: serde_json::Value = serde_json::from_str(last).expect("an error event ends the stream");
+        assert_eq!(error["error"]["type"], "rate_limit_error", "{lang}: {error}");
+        let texts = events.iter().filter(|e| e.contains("\"text\"")).count();
+        assert!((5..45).contains(&texts), "{lang}: {texts} pieces before the stop");
+
+        let r = s.post_as(&format!("sk-{lang}-whole"), &path, &format!("{LONG}}}")).await;
+        assert_eq!(r.status, 429, "{lang}: {}", r.text());
+        assert_eq!(r.json()["error"]["type"], "rate_limit_error", "{lang}");
+        let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(after >= 1, "{lang}: {after}");
+    }
+    assert!(s.wait_idle(Duration::from_secs(5)).await);
+    s.shutdown().await;
+}

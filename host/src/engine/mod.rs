@@ -249,8 +249,10 @@ impl Inner {
             s.attempts += 1;
             s.attempts
         };
+        let mut weights = Duration::ZERO;
         let loaded = model::Model::prepare(handle.manifest.clone(), handle.stats.clone(), &handle.verified).and_then(
             |prepared| {
+                weights = started.elapsed();
                 let link = self.decode.load(prepared.setup())?;
                 Ok(prepared.finish(link, handle.activity.clone()))
             },
@@ -266,7 +268,17 @@ impl Inner {
                 s.info = Some(model.info().clone());
                 drop(s);
                 handle.loads.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(model = %handle.name(), ms = took.as_millis() as u64, "model loaded");
+                // Weights: file check, memory map, vocabulary; context: KV cache, compute buffers.
+                tracing::info!(
+                    model = %handle.name(),
+                    vocab = model.info().vocab_size,
+                    context_length = handle.manifest.context_length,
+                    max_sequences = handle.manifest.max_sequences,
+                    ms = took.as_millis() as u64,
+                    weights_ms = weights.as_millis() as u64,
+                    context_ms = took.saturating_sub(weights).as_millis() as u64,
+                    "model loaded"
+                );
                 self.observer.model_loaded(handle.name(), took);
                 Ok(model)
             }

@@ -97,13 +97,6 @@ impl Prepared {
     }
 
     pub(crate) fn finish(self, link: Link, activity: Arc<Activity>) -> Arc<Model> {
-        tracing::info!(
-            model = %self.manifest.name,
-            vocab = self.vocab.n_vocab,
-            context_length = self.manifest.context_length,
-            max_sequences = self.manifest.max_sequences,
-            "model loaded"
-        );
         Arc::new(Model {
             admission: Arc::new(Semaphore::new(self.manifest.max_sequences)),
             manifest: self.manifest,
