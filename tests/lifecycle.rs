@@ -265,3 +265,72 @@ async fn keep_alive_zero_pins_and_the_admin_endpoints() {
     assert!(metric(&metrics, "flywheel_model_unloads_total", "reason=\"admin\"") >= 1.0, "{metrics}");
     s.shutdown().await;
 }
+
+/// Counts failed loads.
+#[derive(Default)]
+struct LoadFailures(std::sync::atomic::AtomicUsize);
+
+impl flywheel::engine::StepObserver for LoadFailures {
+    fn on_step(&self, _: &str, _: &flywheel::engine::StepInfo) {}
+    fn model_load_failed(&self, _: &str) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A model whose file turns out corrupt at its first load: every request waiting for that
+/// load gets its error (naming the file), and the load is tried once, not once per waiter;
+/// a later request tries again. The server goes on serving its other model.
+#[tokio::test]
+async fn requests_waiting_for_a_load_that_fails_share_its_error() {
+    let mut broken = tiny_manifest("broken");
+    broken.sha256 = Some("0".repeat(64));
+    broken.keep_alive = Some(flywheel::engine::KeepAlive::For(Duration::from_secs(60)));
+    let failures = std::sync::Arc::new(LoadFailures::default());
+    let lifecycle = flywheel::engine::Lifecycle::default();
+    let engine =
+        flywheel::engine::Engine::start(vec![tiny_manifest("fine"), broken], failures.clone(), lifecycle).unwrap();
+    // All five are waiting before the first load runs (this test's runtime has one thread).
+    let results = futures_join(vec![
+        engine.acquire("broken"),
+        engine.acquire("broken"),
+        engine.acquire("broken"),
+        engine.acquire("broken"),
+        engine.acquire("broken"),
+    ])
+    .await;
+    for r in &results {
+        let e = r.as_ref().err().expect("a corrupt file does not load").to_string();
+        assert!(e.contains("sha256") || e.contains("corrupt"), "{e}");
+    }
+    assert_eq!(failures.0.load(std::sync::atomic::Ordering::Relaxed), 1, "one attempt served every waiter");
+    let status = engine.model("broken").unwrap().status();
+    assert_eq!(status.state, flywheel::engine::ModelState::Unloaded);
+    assert!(status.last_error.is_some_and(|e| e.contains("corrupt")));
+    assert!(engine.acquire("broken").await.is_err());
+    assert_eq!(failures.0.load(std::sync::atomic::Ordering::Relaxed), 2, "a later request tries again");
+    let fine = engine.acquire("fine").await.expect("the other model serves");
+    let mut seq = fine.open().await.unwrap();
+    seq.feed(&[1, 2, 3], flywheel::engine::Want::top(1)).await.unwrap();
+}
+
+/// Polls every future to completion on this task (all of them start before any finishes).
+async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (f, o) in pinned.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                if let std::task::Poll::Ready(v) = f.as_mut().poll(cx) {
+                    *o = Some(v);
+                }
+            }
+        }
+        if out.iter().all(Option::is_some) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("ready")).collect()
+}

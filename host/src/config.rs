@@ -177,7 +177,7 @@ impl RegistryConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Bearer keys accepted for every plugin; empty means no key is needed (unless a
@@ -194,7 +194,7 @@ pub struct AuthConfig {
 
 /// One named API key and its quotas. Metrics, logs and usage reports show its name, never
 /// the key.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     pub name: String,
@@ -230,6 +230,30 @@ impl KeyConfig {
             return Err(format!("auth.keys {:?}: the key is empty", self.name));
         }
         Ok(key)
+    }
+}
+
+// Keys never reach a log, not even through `{:?}` of the configuration.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("api_keys", &format_args!("[{} keys]", self.api_keys.len()))
+            .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
+            .field("keys", &self.keys)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyConfig")
+            .field("name", &self.name)
+            .field("key", &self.key.as_ref().map(|_| "<set>"))
+            .field("key_env", &self.key_env)
+            .field("requests_per_minute", &self.requests_per_minute)
+            .field("tokens_per_minute", &self.tokens_per_minute)
+            .field("max_concurrent", &self.max_concurrent)
+            .finish()
     }
 }
 
@@ -499,6 +523,16 @@ mod tests {
         assert!(e.contains("server.max_in_flight"), "{e}");
         let e = Config::parse("[log]\nformat = \"xml\"\n").unwrap_err();
         assert!(e.contains("xml") || e.contains("format"), "{e}");
+    }
+
+    #[test]
+    fn keys_never_show_in_debug_output() {
+        let c = Config::parse(
+            "[auth]\napi_keys = [\"sk-plain\"]\nadmin_key = \"sk-admin\"\n[[auth.keys]]\nname = \"a\"\nkey = \"sk-named\"\n",
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(shown.contains("name: \"a\"") && !shown.contains("sk-"), "{shown}");
     }
 
     #[test]

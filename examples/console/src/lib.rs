@@ -4,12 +4,16 @@
 //! page talks to the host's own endpoints from the browser. The playground streams from the
 //! OpenAI API (or any plugin speaking the `complete` protocol); the node view reads
 //! `/admin/models`, `/admin/plugins`, `/admin/usage` and `/metrics` with the admin key the
-//! operator types in, which stays in the browser's session storage.
+//! operator types in, which stays in the page's memory.
 
 use flywheel_guest::{export_plugin, Handler, HttpError, Request, Responder};
 
 const INDEX: &str = include_str!("../web/index.html");
 const APP_JS: &str = include_str!("../web/app.js");
+const HTTP_JS: &str = include_str!("../web/http.js");
+const SSE_JS: &str = include_str!("../web/sse.js");
+const PLAYGROUND_JS: &str = include_str!("../web/playground.js");
+const NODE_JS: &str = include_str!("../web/node.js");
 const APP_CSS: &str = include_str!("../web/app.css");
 const ICON: &str = include_str!("../web/icon.svg");
 
@@ -25,6 +29,10 @@ fn file(path: &str) -> Option<(&'static str, &'static str)> {
     match rest {
         "/" | "/index.html" => Some(("text/html; charset=utf-8", INDEX)),
         "/app.js" => Some(("text/javascript; charset=utf-8", APP_JS)),
+        "/http.js" => Some(("text/javascript; charset=utf-8", HTTP_JS)),
+        "/sse.js" => Some(("text/javascript; charset=utf-8", SSE_JS)),
+        "/playground.js" => Some(("text/javascript; charset=utf-8", PLAYGROUND_JS)),
+        "/node.js" => Some(("text/javascript; charset=utf-8", NODE_JS)),
         "/app.css" => Some(("text/css; charset=utf-8", APP_CSS)),
         "/icon.svg" => Some(("image/svg+xml", ICON)),
         _ => None,

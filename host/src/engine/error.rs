@@ -71,6 +71,9 @@ pub enum EngineError {
     #[error("model {model} cannot load: max_loaded_models is {max} and no loaded model became idle in time (in use: {})", busy.join(", "))]
     NoRoomToLoad { model: String, max: usize, busy: Vec<String> },
 
+    #[error("model {model} is loading for another request and did not finish within {waited:?}")]
+    ModelLoadWait { model: String, waited: Duration },
+
     #[error("model {model} is in use by {users} requests or sequences; it can be unloaded once they finish")]
     ModelBusy { model: String, users: usize },
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{EngineError, EngineStats, Model, ModelInfo, ModelManifest};
+use super::{EngineError, EngineStats, Model, ModelInfo, ModelManifest, Sequence, TokenAccount};
 
 /// How long a model stays loaded after its last use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,7 +197,14 @@ pub struct ModelLease {
 }
 
 impl ModelLease {
-    /// A lease on a model held without one (tests, benches): refused once it was unloaded.
+    /// The first lease on a model just loaded (under its handle's state lock).
+    pub(crate) fn fresh(model: &Arc<Model>) -> Self {
+        model.activity.enter();
+        Self { model: model.clone() }
+    }
+
+    /// A lease on a model held without one (tests, benches, the CLI): refused once it was
+    /// unloaded. Requests open sequences from the lease they hold instead, which cannot fail.
     pub(crate) fn on(model: &Arc<Model>) -> Result<Self, EngineError> {
         model.activity.enter();
         if model.retired.load(Ordering::SeqCst) {
@@ -205,6 +212,20 @@ impl ModelLease {
             return Err(EngineError::ModelUnloaded(model.name().to_string()));
         }
         Ok(Self { model: model.clone() })
+    }
+}
+
+impl ModelLease {
+    /// Open a sequence on this model, waiting (bounded) for a free slot, its tokens charged
+    /// to `account`. The sequence holds a lease of its own.
+    pub async fn open_charged(&self, account: Option<Arc<dyn TokenAccount>>) -> Result<Sequence, EngineError> {
+        self.model.open_with(self.clone(), account, true).await
+    }
+
+    /// As [`ModelLease::open_charged`], but only if a slot is free right now (a caller that
+    /// already holds a sequence must not wait: it could deadlock with others doing the same).
+    pub async fn open_now_charged(&self, account: Option<Arc<dyn TokenAccount>>) -> Result<Sequence, EngineError> {
+        self.model.open_with(self.clone(), account, false).await
     }
 }
 
@@ -255,8 +276,8 @@ pub(crate) struct HandleState {
     pub(crate) pinned: bool,
     /// The last load's failure, for the admin API (cleared by a successful load).
     pub(crate) last_error: Option<String>,
-    /// Load attempts so far; a caller that waited for an attempt that failed gets its error
-    /// instead of trying again at once.
+    /// Load attempts finished so far; a caller that waited for an attempt that failed gets
+    /// its error instead of trying again at once.
     pub(crate) attempts: u64,
     pub(crate) failed_attempt: u64,
     pub(crate) loaded_at: Option<SystemTime>,
@@ -408,7 +429,10 @@ impl ModelHandle {
         if !force && (s.pinned || self.keep_alive == KeepAlive::Forever) {
             return false;
         }
-        // Retire first, then look at the users: a lease taken from a bare model in between
+        if self.activity.users() > 0 {
+            return false;
+        }
+        // Retire, then look at the users again: a lease taken from a bare model in between
         // sees the flag and backs off (see `ModelLease::on`).
         model.retired.store(true, Ordering::SeqCst);
         if self.activity.users() > 0 {
@@ -418,8 +442,11 @@ impl ModelHandle {
         let Slot::Loaded(model) = std::mem::replace(&mut s.slot, Slot::Unloaded) else { return false };
         s.loaded_at = None;
         drop(s);
-        model.link().unload();
+        // Our references go first, so the decode thread's is the last one to the weights:
+        // it frees them, then gives the memory back.
+        let link = model.link().clone();
         drop(model);
+        link.unload();
         true
     }
 }

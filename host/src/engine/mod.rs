@@ -115,9 +115,11 @@ impl Engine {
         }
         let resident = models.values().filter(|h| h.keep_alive() == KeepAlive::Forever).count();
         if let Some(max) = lifecycle.max_loaded_models {
-            if resident > max {
+            let on_demand = models.len() - resident;
+            if resident > max || (resident == max && on_demand > 0) {
                 return Err(EngineError::Lifecycle(format!(
-                    "{resident} models have keep_alive = -1 (always loaded), but max_loaded_models is {max}"
+                    "{resident} models have keep_alive = -1 (always loaded) and max_loaded_models is {max}: \
+                     the {on_demand} others could never load"
                 )));
             }
         }
@@ -132,7 +134,7 @@ impl Engine {
             stopping: AtomicBool::new(false),
         });
         for handle in inner.models.values().filter(|h| h.keep_alive() == KeepAlive::Forever) {
-            inner.load_blocking(handle)?;
+            drop(inner.load_blocking(handle)?);
         }
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -169,13 +171,15 @@ impl Engine {
         if let Some(lease) = handle.lease_if_loaded() {
             return Ok(lease);
         }
+        // Attempts finished so far: if the next one to finish fails, this caller reports it
+        // instead of trying again itself.
         let seen = lock(&handle.state).attempts;
         let deadline = Instant::now() + Duration::from_millis(handle.manifest.queue_timeout_ms);
         // The load runs as a task of its own, so a caller that gives up (its client went
         // away) does not leave it half done.
         let inner = self.inner.clone();
         let task = tokio::spawn(async move { inner.load_for_lease(&handle, seen, deadline).await });
-        task.await.map_err(|e| EngineError::Lifecycle(format!("the load of model {name} failed: {e}")))?
+        task.await.map_err(|e| EngineError::ModelLoadFailed { model: name.to_string(), message: e.to_string() })?
     }
 
     /// Load a model now (admin); it then stays for its `keep_alive`.
@@ -240,27 +244,31 @@ impl Drop for Engine {
 
 impl Inner {
     /// Load `handle` (blocking): weights, then its context on the decode thread. Records
-    /// the outcome in the handle's state.
-    fn load_blocking(&self, handle: &ModelHandle) -> Result<Arc<Model>, EngineError> {
+    /// the outcome in the handle's state and returns a lease taken under the state lock, so
+    /// the reaper cannot unload the model before its caller holds it.
+    fn load_blocking(&self, handle: &ModelHandle) -> Result<ModelLease, EngineError> {
         let started = Instant::now();
-        let attempt = {
-            let mut s = lock(&handle.state);
-            s.slot = Slot::Loading;
-            s.attempts += 1;
-            s.attempts
-        };
+        lock(&handle.state).slot = Slot::Loading;
         let mut weights = Duration::ZERO;
-        let loaded = model::Model::prepare(handle.manifest.clone(), handle.stats.clone(), &handle.verified).and_then(
-            |prepared| {
-                weights = started.elapsed();
-                let link = self.decode.load(prepared.setup())?;
-                Ok(prepared.finish(link, handle.activity.clone()))
-            },
-        );
+        // A panic in llama.cpp's binding must not leave the model "loading" for ever.
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let prepared = model::Model::prepare(handle.manifest.clone(), handle.stats.clone(), &handle.verified)?;
+            weights = started.elapsed();
+            let link = self.decode.load(prepared.setup())?;
+            Ok(prepared.finish(link, handle.activity.clone()))
+        }))
+        .unwrap_or_else(|_| {
+            Err(EngineError::ModelLoadFailed {
+                model: handle.name().to_string(),
+                message: "the load panicked (see the log)".into(),
+            })
+        });
         let took = started.elapsed();
         let mut s = lock(&handle.state);
+        s.attempts += 1;
         match loaded {
             Ok(model) => {
+                let lease = ModelLease::fresh(&model);
                 s.slot = Slot::Loaded(model.clone());
                 s.last_error = None;
                 s.loaded_at = Some(SystemTime::now());
@@ -280,15 +288,17 @@ impl Inner {
                     "model loaded"
                 );
                 self.observer.model_loaded(handle.name(), took);
-                Ok(model)
+                Ok(lease)
             }
             Err(e) => {
                 s.slot = Slot::Unloaded;
                 s.last_error = Some(e.to_string());
-                s.failed_attempt = attempt;
+                s.failed_attempt = s.attempts;
                 drop(s);
                 tracing::error!(model = %handle.name(), error = %e, "model failed to load");
                 self.observer.model_load_failed(handle.name());
+                // Loads waiting for room may go on.
+                self.wake.notify();
                 Err(e)
             }
         }
@@ -302,7 +312,11 @@ impl Inner {
         seen_attempts: u64,
         deadline: Instant,
     ) -> Result<ModelLease, EngineError> {
-        let _one = handle.load_lock.lock().await;
+        let timed_out = || EngineError::ModelLoadWait {
+            model: handle.name().to_string(),
+            waited: Duration::from_millis(handle.manifest.queue_timeout_ms),
+        };
+        let _one = tokio::time::timeout_at(deadline.into(), handle.load_lock.lock()).await.map_err(|_| timed_out())?;
         if let Some(lease) = handle.lease_if_loaded() {
             return Ok(lease);
         }
@@ -314,14 +328,13 @@ impl Inner {
                 return Err(EngineError::ModelLoadFailed { model: handle.name().to_string(), message });
             }
         }
-        let _room = self.room.lock().await;
+        let _room = tokio::time::timeout_at(deadline.into(), self.room.lock()).await.map_err(|_| timed_out())?;
         self.make_room(handle, deadline).await?;
         let this = self.clone();
         let h = handle.clone();
         tokio::task::spawn_blocking(move || this.load_blocking(&h))
             .await
-            .map_err(|e| EngineError::Lifecycle(format!("the load of model {} failed: {e}", handle.name())))??;
-        handle.lease_if_loaded().ok_or_else(|| EngineError::ModelUnloaded(handle.name().to_string()))
+            .map_err(|e| EngineError::ModelLoadFailed { model: handle.name().to_string(), message: e.to_string() })?
     }
 
     /// Under `max_loaded_models`, unload the least recently used idle models until `handle`
@@ -358,6 +371,8 @@ impl Inner {
     fn unloaded(&self, handle: &ModelHandle, reason: UnloadReason) {
         tracing::info!(model = %handle.name(), reason = reason.as_str(), "model unloaded");
         self.observer.model_unloaded(handle.name(), reason);
+        // A load waiting for room may go on.
+        self.wake.notify();
     }
 }
 

@@ -229,37 +229,26 @@ impl Model {
     /// Open a sequence only if one is free right now. A caller that already holds a
     /// sequence uses this: waiting while holding one could deadlock with others doing the same.
     pub async fn open_now(self: &Arc<Self>) -> Result<Sequence, EngineError> {
-        self.open_now_charged(None).await
+        self.open_with(ModelLease::on(self)?, None, false).await
     }
 
     /// Open a sequence, waiting (bounded) for a free slot.
     pub async fn open(self: &Arc<Self>) -> Result<Sequence, EngineError> {
-        self.open_charged(None).await
+        self.open_with(ModelLease::on(self)?, None, true).await
     }
 
-    /// As [`Model::open_now`], charging the sequence's tokens to `account`.
-    pub async fn open_now_charged(
+    /// Open a sequence held by `lease` (which keeps this model loaded while it is open);
+    /// the engine charges its tokens to `account` and refuses any feed the account refuses.
+    /// `wait`: wait (bounded) for a free slot, or fail at once if none is free.
+    pub(crate) async fn open_with(
         self: &Arc<Self>,
+        lease: ModelLease,
         account: Option<Arc<dyn TokenAccount>>,
+        wait: bool,
     ) -> Result<Sequence, EngineError> {
-        let lease = ModelLease::on(self)?;
-        let permit = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| EngineError::NoFreeSequence { model: self.name().to_string() })?;
-        self.start_sequence(lease, permit, account).await
-    }
-
-    /// As [`Model::open`], charging the sequence's tokens to `account`: the engine refuses
-    /// any feed the account refuses.
-    pub async fn open_charged(
-        self: &Arc<Self>,
-        account: Option<Arc<dyn TokenAccount>>,
-    ) -> Result<Sequence, EngineError> {
-        let lease = ModelLease::on(self)?;
         let permit = match self.admission.clone().try_acquire_owned() {
             Ok(p) => p,
+            Err(_) if !wait => return Err(EngineError::NoFreeSequence { model: self.name().to_string() }),
             Err(_) => {
                 let limit = self.manifest.queue_limit();
                 let waiting = self.stats.waiting_opens.fetch_add(1, Ordering::Relaxed);

@@ -1,30 +1,15 @@
-//! Bearer API keys: global ones from the config, plus each plugin's own.
+//! The admin key. (API keys for plugins are tenants: `crate::tenants`.)
 
 use http::HeaderMap;
 
 use super::errors::ApiError;
+use crate::tenants::{bearer, same_key};
 
-/// The bearer token of a request, if any.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-/// Compare without leaking where the first difference is.
-fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Check a request against the accepted keys; no keys at all means the route is open.
-pub fn check<'k>(headers: &HeaderMap, keys: impl Iterator<Item = &'k String> + Clone) -> Result<(), ApiError> {
-    if keys.clone().next().is_none() {
-        return Ok(());
-    }
+/// Check a request to the admin API against the admin key.
+pub fn check_admin(headers: &HeaderMap, admin_key: &str) -> Result<(), ApiError> {
     match bearer(headers) {
         None => Err(ApiError::unauthorized("missing API key: send Authorization: Bearer <key>")),
-        Some(token) if keys.clone().any(|k| same(k, token)) => Ok(()),
+        Some(token) if same_key(admin_key, token) => Ok(()),
         Some(_) => Err(ApiError::unauthorized("invalid API key")),
     }
 }

@@ -43,25 +43,10 @@ impl ApiError {
 
     /// 429: the request's API key has spent a quota.
     pub fn quota(key: &str, refused: &crate::tenants::Refused) -> Self {
-        let (message, after) = match refused.retry_after {
-            Some(after) => (
-                format!(
-                    "rate limit: API key {key:?} reached its {} quota of {}; retry after {:.1} s",
-                    refused.quota,
-                    refused.limit,
-                    after.as_secs_f64()
-                ),
-                after,
-            ),
-            None => (
-                format!(
-                    "rate limit: this request needs more than API key {key:?}'s whole {} quota of {}",
-                    refused.quota, refused.limit
-                ),
-                Duration::from_secs(60),
-            ),
-        };
-        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).retry_after(after)
+        let exceeded = refused.for_key(key);
+        // A request larger than the whole quota gets a minute: all of it comes back by then.
+        let after = refused.retry_after.unwrap_or(Duration::from_secs(60));
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", exceeded.to_string()).retry_after(after)
     }
 
     pub fn into_response(self) -> Response<ServerBody> {

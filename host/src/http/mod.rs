@@ -149,7 +149,7 @@ async fn route(
         }
         p if p == "/admin" || p.starts_with("/admin/") => match &state.auth.admin_key {
             None => Err(ApiError::not_found("the admin API is off: set auth.admin_key")),
-            Some(key) => match auth::check(req.headers(), std::iter::once(key)) {
+            Some(key) => match auth::check_admin(req.headers(), key) {
                 Ok(()) => admin::handle(state, req).await,
                 Err(e) => Err(e),
             },
@@ -254,7 +254,7 @@ async fn serve_plugin(
     };
     let name = plugin.name.clone();
     let result = async {
-        let tenant = match state.tenants.authenticate(req.headers(), &plugin.manifest.api_keys) {
+        let tenant = match state.tenants.authenticate(req.headers(), &plugin.name, &plugin.manifest.api_keys) {
             Ok(tenant) => tenant,
             Err(_) if plugin.manifest.public => state.tenants.anonymous(),
             Err(e @ (AuthError::Missing | AuthError::Invalid)) => return Err(ApiError::unauthorized(e.to_string())),

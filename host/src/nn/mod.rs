@@ -241,6 +241,7 @@ fn engine_error(e: &EngineError) -> ErrorCode {
         | EngineError::NoFreeSequence { .. }
         | EngineError::KvCacheFull { .. }
         | EngineError::NoRoomToLoad { .. }
+        | EngineError::ModelLoadWait { .. }
         | EngineError::ModelUnloaded(_)
         | EngineError::SchedulerStopped(_) => ErrorCode::Timeout,
         // A quota that a later retry can meet is "busy"; one the request can never fit is

@@ -2,8 +2,10 @@
 //! what each key used of each plugin (the ledger behind `/metrics` and `/admin/usage`).
 //!
 //! Keys are compared in constant time and never logged or shown: everything outside this
-//! module knows a key by its name (`[[auth.keys]]`) or, for unnamed keys, by `key-` and
-//! the first 8 hex digits of its sha256.
+//! module knows a key by its name (`[[auth.keys]]`) or, for unnamed keys, by where it is
+//! configured (`key-2`: the second of `auth.api_keys`; `openai-key-1`: the first of the
+//! openai plugin's `api_keys`). Nothing derived from a key's value is shown, so `/metrics`
+//! gives nobody a way to check guesses at a key.
 
 mod quota;
 mod usage;
@@ -12,8 +14,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use sha2::{Digest, Sha256};
 
 use crate::config::{AuthConfig, UsageConfig};
 use crate::engine::{QuotaExceeded, TokenAccount};
@@ -59,20 +59,14 @@ pub enum AuthError {
 pub struct Tenants {
     /// Keys accepted for every plugin.
     keys: Vec<(String, Arc<Tenant>)>,
-    /// Tenants of keys that plugin manifests list, by fingerprint (created on first use).
+    /// Tenants of keys that plugin manifests list, by name (created on first use).
     plugin_keys: Mutex<HashMap<String, Arc<Tenant>>>,
     anonymous: Arc<Tenant>,
     ledger: Arc<Ledger>,
 }
 
-/// `key-` and the first 8 hex digits of the key's sha256: a name for an unnamed key.
-fn fingerprint(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    format!("key-{:02x}{:02x}{:02x}{:02x}", digest[0], digest[1], digest[2], digest[3])
-}
-
 /// Compare without leaking where the first difference is.
-fn same(a: &str, b: &str) -> bool {
+pub fn same_key(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -80,8 +74,8 @@ fn same(a: &str, b: &str) -> bool {
 impl Tenants {
     pub fn new(auth: &AuthConfig, usage: &UsageConfig) -> Result<Self, String> {
         let mut keys = Vec::new();
-        for key in &auth.api_keys {
-            keys.push((key.clone(), Tenant::new(fingerprint(key), Limits::none())));
+        for (i, key) in auth.api_keys.iter().enumerate() {
+            keys.push((key.clone(), Tenant::new(format!("key-{}", i + 1), Limits::none())));
         }
         for k in &auth.keys {
             keys.push((k.secret()?, Tenant::new(k.name.clone(), Limits::of(k))));
@@ -108,9 +102,15 @@ impl Tenants {
         self.keys.iter().map(|(_, t)| t)
     }
 
-    /// Who a request with these headers runs for. With no key configured for the server
-    /// or the plugin, every request is let in as `anonymous`.
-    pub fn authenticate(&self, headers: &http::HeaderMap, plugin_keys: &[String]) -> Result<Arc<Tenant>, AuthError> {
+    /// Who a request with these headers runs for, calling `plugin` (whose manifest lists
+    /// `plugin_keys`). With no key configured for the server or the plugin, every request
+    /// is let in as `anonymous`.
+    pub fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        plugin: &str,
+        plugin_keys: &[String],
+    ) -> Result<Arc<Tenant>, AuthError> {
         if self.keys.is_empty() && plugin_keys.is_empty() {
             return Ok(self.anonymous.clone());
         }
@@ -118,20 +118,24 @@ impl Tenants {
         // Every key is compared, so the time taken does not tell which one matched.
         let mut found = None;
         for (key, tenant) in &self.keys {
-            if same(key, token) && found.is_none() {
+            if same_key(key, token) && found.is_none() {
                 found = Some(tenant.clone());
             }
         }
         if let Some(tenant) = found {
             return Ok(tenant);
         }
-        if plugin_keys.iter().fold(false, |hit, k| same(k, token) | hit) {
-            let name = fingerprint(token);
-            let mut known = self.plugin_keys.lock().unwrap_or_else(|p| p.into_inner());
-            let tenant = known.entry(name.clone()).or_insert_with(|| Tenant::new(name, Limits::none()));
-            return Ok(tenant.clone());
+        let mut index = None;
+        for (i, key) in plugin_keys.iter().enumerate() {
+            if same_key(key, token) && index.is_none() {
+                index = Some(i);
+            }
         }
-        Err(AuthError::Invalid)
+        let Some(i) = index else { return Err(AuthError::Invalid) };
+        let name = format!("{plugin}-key-{}", i + 1);
+        let mut known = self.plugin_keys.lock().unwrap_or_else(|p| p.into_inner());
+        let tenant = known.entry(name.clone()).or_insert_with(|| Tenant::new(name, Limits::none()));
+        Ok(tenant.clone())
     }
 
     /// Let a request of `tenant` for `plugin` in, if its key's quotas allow; the admission
@@ -203,12 +207,7 @@ impl TokenAccount for Account {
                 self.ledger.record(&self.tenant.name, &self.plugin, |c| c.quota_stops += 1);
             }
             tracing::info!(key = %self.tenant.name, plugin = %self.plugin, quota = refused.quota, "token quota reached");
-            return Err(QuotaExceeded {
-                key: self.tenant.name.clone(),
-                quota: refused.quota.to_string(),
-                limit: refused.limit,
-                retry_after: refused.retry_after,
-            });
+            return Err(refused.for_key(&self.tenant.name));
         }
         self.ledger.record(&self.tenant.name, &self.plugin, |c| {
             c.prompt_tokens += prompt;
@@ -250,14 +249,15 @@ mod tests {
             }],
         };
         let tenants = Tenants::new(&auth, &UsageConfig::default()).unwrap();
-        let a = tenants.authenticate(&headers("secret-a"), &[]).unwrap();
+        let a = tenants.authenticate(&headers("secret-a"), "openai", &[]).unwrap();
         assert_eq!(a.name(), "team-a");
-        let plain = tenants.authenticate(&headers("plain-key"), &[]).unwrap();
-        assert!(plain.name().starts_with("key-") && !plain.name().contains("plain"));
-        assert!(matches!(tenants.authenticate(&headers("nope"), &[]), Err(AuthError::Invalid)));
-        assert!(matches!(tenants.authenticate(&http::HeaderMap::new(), &[]), Err(AuthError::Missing)));
-        let p = tenants.authenticate(&headers("plugin-only"), &["plugin-only".into()]).unwrap();
-        assert!(p.name().starts_with("key-"));
+        let plain = tenants.authenticate(&headers("plain-key"), "openai", &[]).unwrap();
+        assert_eq!(plain.name(), "key-1");
+        assert!(matches!(tenants.authenticate(&headers("nope"), "openai", &[]), Err(AuthError::Invalid)));
+        assert!(matches!(tenants.authenticate(&http::HeaderMap::new(), "openai", &[]), Err(AuthError::Missing)));
+        let keys = ["other".to_string(), "plugin-only".to_string()];
+        let p = tenants.authenticate(&headers("plugin-only"), "complete", &keys).unwrap();
+        assert_eq!(p.name(), "complete-key-2");
 
         // Admission took one token; a prompt of 5 and a generated token cost 5 more.
         let admission = tenants.admit(&a, "openai").unwrap();

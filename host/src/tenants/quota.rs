@@ -24,6 +24,18 @@ pub struct Refused {
     pub retry_after: Option<Duration>,
 }
 
+impl Refused {
+    /// The refusal as the engine and clients see it, for the key named `key`.
+    pub fn for_key(&self, key: &str) -> crate::engine::QuotaExceeded {
+        crate::engine::QuotaExceeded {
+            key: key.to_string(),
+            quota: self.quota.to_string(),
+            limit: self.limit,
+            retry_after: self.retry_after,
+        }
+    }
+}
+
 struct Bucket {
     limit: u32,
     limiter: DefaultDirectRateLimiter,
