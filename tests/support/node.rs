@@ -136,7 +136,11 @@ pub fn nginx_binary() -> Option<PathBuf> {
 /// nginx in the foreground with the repository's deploy/nginx/flywheel.conf, its upstream
 /// pointed at `backends` and listening on `port`.
 pub fn spawn_nginx(nginx: &Path, port: u16, backends: &[u16]) -> Child {
-    let dir = super::scratch_dir("nginx");
+    // A folder of its own: tests of one process run side by side, and two nginx sharing a
+    // config file or pid file would start each other's configuration.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = super::scratch_dir(&format!("nginx-{n}"));
     for sub in ["tmp", "logs"] {
         std::fs::create_dir_all(dir.join(sub)).expect("nginx dir");
     }
@@ -179,19 +183,41 @@ pub fn spawn_nginx(nginx: &Path, port: u16, backends: &[u16]) -> Child {
         .expect("spawn nginx")
 }
 
-/// nginx as `spawn_nginx` starts it, on a port that was free a moment ago; another test
-/// of the same process may take that port in between (nginx then exits at once), so a few
-/// ports are tried.
+/// nginx as `spawn_nginx` starts it, on a port that was free a moment ago. Another test of
+/// the same process may take that port in between (nginx then retries its bind for a few
+/// seconds and gives up), so a few ports are tried, each until nginx accepts connections.
 pub fn spawn_nginx_on_a_free_port(nginx: &Path, backends: &[u16]) -> (Child, u16) {
     for _ in 0..5 {
         let port = free_port();
         let mut child = spawn_nginx(nginx, port, backends);
-        std::thread::sleep(Duration::from_millis(300));
-        if matches!(child.try_wait(), Ok(None)) {
-            return (child, port);
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if !matches!(child.try_wait(), Ok(None)) {
+                break;
+            }
+            if answers_as_nginx(port) {
+                return (child, port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
     }
-    panic!("nginx could not bind a free port in five tries");
+    panic!("nginx could not listen on a free port in five tries");
+}
+
+/// Whether what listens on `port` is an nginx (its `Server` header says so), not whatever
+/// else took the port first.
+fn answers_as_nginx(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 1024];
+    let n = stream.read(&mut head).unwrap_or(0);
+    String::from_utf8_lossy(&head[..n]).to_ascii_lowercase().contains("server: nginx")
 }
 
 fn is_root() -> bool {
