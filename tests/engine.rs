@@ -646,3 +646,54 @@ async fn embeddings_are_unit_length_and_the_same_alone_or_in_a_batch() {
     let mut seq = model.open().await.unwrap();
     assert!(matches!(seq.feed(&a, Want::top(1)).await, Ok(Output::TopK { .. })));
 }
+
+/// GPU and memory settings of a manifest, as far as a CPU node can check them: a q8_0 KV
+/// cache decodes, a quantized cache without flash attention is refused at validation, an
+/// unknown device is refused at load naming the devices this node has, and the devices
+/// are listed with their memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_cache_type_flash_attention_and_devices_from_the_manifest() {
+    // The tiny model's 16-wide heads cannot be cut in q8_0's 32-wide blocks: a clear error.
+    let mut q8 = tiny_manifest("tiny-q8");
+    q8.kv_cache_type = flywheel::engine::KvCacheKind::Q8_0;
+    let e = Engine::load(vec![q8], Arc::new(NoObserver)).err().expect("refused").to_string();
+    assert!(e.contains("kv_cache_type q8_0"), "{e}");
+    // SmolLM2's 64-wide heads can: it decodes, and its greedy answer starts as with f16.
+    let Some(mut smollm2) = default_model_manifest() else {
+        panic!("the default model is missing: run python3 models/fetch.py smollm2 (scripts/test.sh does)");
+    };
+    smollm2.max_sequences = 2;
+    smollm2.context_length = 256;
+    smollm2.batch_size = 256;
+    let f16 = load(smollm2.clone());
+    smollm2.name = "smollm2-q8".into();
+    smollm2.kv_cache_type = flywheel::engine::KvCacheKind::Q8_0;
+    let q8 = load(smollm2);
+    let p = f16.tokenize("The capital of France is", true, false).unwrap();
+    let (mut a, mut b) = (f16.open().await.unwrap(), q8.open().await.unwrap());
+    let (a, b) = (greedy(&mut a, &p, 8).await, greedy(&mut b, &p, 8).await);
+    assert_eq!(b.len(), 8, "a q8_0 KV cache decodes");
+    assert_eq!(a[..3], b[..3], "q8_0 keeps the first greedy tokens: {a:?} vs {b:?}");
+
+    let dir = scratch_dir("gpu-settings");
+    let path = dir.join("m.toml");
+    let file = tiny_model_path();
+    std::fs::write(
+        &path,
+        format!("name = \"m\"\nfile = \"{}\"\nkv_cache_type = \"q8_0\"\nflash_attention = \"off\"\n", file.display()),
+    )
+    .unwrap();
+    let e = ModelManifest::from_file(&path).unwrap_err().to_string();
+    assert!(e.contains("flash attention"), "{e}");
+    std::fs::write(&path, format!("name = \"m\"\nfile = \"{}\"\nsplit_mode = \"diagonal\"\n", file.display())).unwrap();
+    assert!(ModelManifest::from_file(&path).unwrap_err().to_string().contains("split_mode"));
+
+    let mut elsewhere = tiny_manifest("tiny-elsewhere");
+    elsewhere.devices = vec!["CUDA7".into()];
+    let e = Engine::load(vec![elsewhere], Arc::new(NoObserver)).err().expect("no such device").to_string();
+    assert!(e.contains("no device named \"CUDA7\"") && e.contains("CPU"), "{e}");
+
+    let devices = flywheel::engine::devices();
+    let cpu = devices.iter().find(|d| d.kind == "cpu").expect("the CPU is a device");
+    assert!(cpu.memory_total_bytes > 0 && cpu.memory_free_bytes <= cpu.memory_total_bytes, "{cpu:?}");
+}

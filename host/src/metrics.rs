@@ -49,6 +49,12 @@ pub struct UnloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    pub device: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UsageLabels {
     pub key: String,
     pub plugin: String,
@@ -335,6 +341,29 @@ impl Collector for EngineGauges {
             for model in engine.models() {
                 let labels = ModelLabel { model: model.name().to_string() };
                 ConstGauge::new(read(&model.status())).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut weights = encoder.encode_descriptor(
+            "flywheel_model_weights_bytes",
+            "Bytes of the model's weights while it is loaded (0 while it is not)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for model in engine.models() {
+            let labels = ModelLabel { model: model.name().to_string() };
+            let bytes = model.loaded().map_or(0, |m| m.info().weights_bytes);
+            ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX)).encode(weights.encode_family(&labels)?)?;
+        }
+        let mut memory = encoder.encode_descriptor(
+            "flywheel_device_memory_bytes",
+            "Memory of each compute device llama.cpp sees (the CPU's is the system's), total and free",
+            None,
+            MetricType::Gauge,
+        )?;
+        for device in crate::engine::devices() {
+            for (kind, bytes) in [("total", device.memory_total_bytes), ("free", device.memory_free_bytes)] {
+                let labels = DeviceLabels { device: device.name.clone(), kind: kind.to_string() };
+                ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX)).encode(memory.encode_family(&labels)?)?;
             }
         }
         let mut loads =

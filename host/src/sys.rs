@@ -65,6 +65,21 @@ pub fn release_free_memory() {
     }
 }
 
+/// Memory the kernel says new allocations can get without swapping (`MemAvailable`), in
+/// bytes; `None` where /proc/meminfo does not say.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// CPU time the calling thread has used so far.
 pub fn thread_cpu_time() -> std::time::Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

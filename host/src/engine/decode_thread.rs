@@ -153,9 +153,16 @@ fn create_worker(setup: ModelSetup, observer: &Arc<dyn StepObserver>) -> Result<
         let ctx = {
             let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
             backend().and_then(|b| {
-                llama.new_context(b, context_params(&manifest)).map_err(|e| EngineError::ContextCreate {
-                    model: manifest.name.clone(),
-                    message: format!("{e} (is kv cells = context_length x max_sequences too large for memory?)"),
+                llama.new_context(b, context_params(&manifest)).map_err(|e| {
+                    let cells = manifest.total_kv_cells();
+                    let hint = match manifest.kv_cache_type {
+                        super::KvCacheKind::F16 => String::new(),
+                        other => format!(", or does kv_cache_type {} not suit this model's head size", other.as_str()),
+                    };
+                    EngineError::ContextCreate {
+                        model: manifest.name.clone(),
+                        message: format!("{e}: llama.cpp refused {cells} KV cells (too large for memory{hint}?)"),
+                    }
                 })
             })
         }?;

@@ -78,7 +78,7 @@ impl<'m> Embedder<'m> {
             .with_pooling_type(pooling(m.embedding_pooling))
             .with_n_threads(m.threads)
             .with_n_threads_batch(m.threads)
-            .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED);
+            .with_flash_attention_policy(super::kv::flash_attention(m.flash_attention));
         Self {
             name: m.name.clone(),
             llama,

@@ -17,6 +17,9 @@ pub enum EngineError {
     #[error("llama.cpp could not load model file {path}: {message}")]
     ModelLoad { path: PathBuf, message: String },
 
+    #[error("model {model}: {message}")]
+    Devices { model: String, message: String },
+
     #[error("llama.cpp could not create a context for model {model}: {message}")]
     ContextCreate { model: String, message: String },
 

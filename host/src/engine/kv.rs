@@ -12,11 +12,12 @@
 
 use std::num::NonZeroU32;
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::LlamaStateSeqFlags;
 
+use super::manifest::{FlashAttention, KvCacheKind};
 use super::ModelManifest;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +63,25 @@ pub fn context_params(m: &ModelManifest) -> LlamaContextParams {
         .with_swa_full(false)
         .with_n_threads(m.threads)
         .with_n_threads_batch(m.threads)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
+        .with_type_k(kv_type(m.kv_cache_type))
+        .with_type_v(kv_type(m.kv_cache_type))
+        .with_flash_attention_policy(flash_attention(m.flash_attention))
+}
+
+fn kv_type(kind: KvCacheKind) -> KvCacheType {
+    match kind {
+        KvCacheKind::F16 => KvCacheType::F16,
+        KvCacheKind::Q8_0 => KvCacheType::Q8_0,
+    }
+}
+
+/// llama.cpp's flash attention policy for the manifest's setting.
+pub(crate) fn flash_attention(setting: FlashAttention) -> llama_cpp_sys_2::llama_flash_attn_type {
+    match setting {
+        FlashAttention::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        FlashAttention::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        FlashAttention::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+    }
 }
 
 /// The model's sliding attention window in tokens, 0 when it attends to everything.

@@ -29,6 +29,25 @@ pub struct ModelManifest {
     /// Layers offloaded to the GPU (needs the `cuda` build).
     #[serde(default)]
     pub n_gpu_layers: u32,
+    /// The GPU that holds the whole model with `split_mode = "none"`, or the intermediate
+    /// results with `"row"` (an index among the GPUs used).
+    #[serde(default)]
+    pub main_gpu: i32,
+    /// How offloaded layers spread over several GPUs: `"layer"` (default: whole layers and
+    /// their KV per GPU), `"row"` (rows of each matrix, where supported), `"none"`.
+    #[serde(default)]
+    pub split_mode: SplitMode,
+    /// Backend devices to offload to, by name (`/admin/models` lists them, e.g. `CUDA0`);
+    /// empty: every GPU.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Element type of the KV cache: `"f16"` (default) or `"q8_0"` (about half the memory,
+    /// with a small loss of precision; needs flash attention).
+    #[serde(default)]
+    pub kv_cache_type: KvCacheKind,
+    /// Flash attention: `"on"` (default), `"off"`, or `"auto"` (llama.cpp decides per device).
+    #[serde(default)]
+    pub flash_attention: FlashAttention,
     /// Sequences that may be open at once; further opens queue.
     #[serde(default = "defaults::max_sequences")]
     pub max_sequences: usize,
@@ -87,6 +106,44 @@ pub struct ModelManifest {
     /// Where `models/fetch.py` gets the weights; the host ignores it.
     #[serde(default)]
     pub source: Option<toml::Table>,
+}
+
+/// How offloaded layers spread over several GPUs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitMode {
+    None,
+    #[default]
+    Layer,
+    Row,
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KvCacheKind {
+    #[default]
+    F16,
+    Q8_0,
+}
+
+impl KvCacheKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheKind::F16 => "f16",
+            KvCacheKind::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// Whether attention uses llama.cpp's flash attention kernels.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttention {
+    #[default]
+    On,
+    Off,
+    Auto,
 }
 
 /// How an embedding is pooled from the hidden states of its input's tokens.
@@ -158,6 +215,11 @@ impl ModelManifest {
             context_length: defaults::context_length(),
             threads: defaults::threads(),
             n_gpu_layers: 0,
+            main_gpu: 0,
+            split_mode: SplitMode::default(),
+            devices: Vec::new(),
+            kv_cache_type: KvCacheKind::default(),
+            flash_attention: FlashAttention::default(),
             max_sequences: defaults::max_sequences(),
             batch_size: defaults::batch_size(),
             kv_cells: None,
@@ -213,6 +275,16 @@ impl ModelManifest {
                     self.context_length
                 ));
             }
+        }
+        if self.kv_cache_type != KvCacheKind::F16 && self.flash_attention == FlashAttention::Off {
+            return Err(format!(
+                "kv_cache_type = \"{}\" needs flash attention (llama.cpp quantizes the V cache only with it): \
+                 set flash_attention to \"on\" or \"auto\"",
+                self.kv_cache_type.as_str()
+            ));
+        }
+        if self.main_gpu < 0 {
+            return Err("main_gpu must be 0 or more".into());
         }
         if self.max_sequences > 256 {
             return Err("max_sequences must be at most 256 (llama.cpp's limit)".into());

@@ -7,6 +7,7 @@
 mod account;
 mod backend;
 mod decode_thread;
+mod devices;
 mod embedder;
 mod error;
 mod kv;
@@ -26,10 +27,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 pub use account::{QuotaExceeded, TokenAccount};
 pub use backend::{backend as backend_ref, supports_gpu_offload, CONTEXT_CREATION};
+pub use devices::{devices, DeviceInfo};
 pub use error::EngineError;
 pub use kv::context_params;
 pub use lifecycle::{KeepAlive, Lifecycle, ModelHandle, ModelLease, ModelState, ModelStatus, UnloadReason};
-pub use manifest::{ModelManifest, Pooling};
+pub use manifest::{FlashAttention, KvCacheKind, ModelManifest, Pooling, SplitMode};
 pub use model::{EngineStats, Model, ModelInfo};
 pub use sequence::{Output, PendingFeed, Sequence, Want};
 

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
@@ -14,6 +14,7 @@ use super::backend::backend;
 use super::decode_thread::{Link, ModelSetup};
 use super::embedder::EmbedJob;
 use super::lifecycle::{Activity, FileStamp, ModelLease};
+use super::manifest::SplitMode;
 use super::scheduler::Command;
 use super::tokenizer::{Tokenizer, Vocab};
 use super::{EngineError, ModelManifest, Sequence, TokenAccount, Want};
@@ -33,6 +34,10 @@ pub struct ModelInfo {
     pub adds_bos: bool,
     pub chat_template: Option<String>,
     pub max_sequences: usize,
+    /// Bytes of the weights (wherever they are placed).
+    pub weights_bytes: u64,
+    /// Transformer layers; `n_gpu_layers` of them are offloaded (at most this many).
+    pub layers: u32,
 }
 
 /// Live counters of one model's engine; cheap to read from any thread.
@@ -174,7 +179,21 @@ impl Model {
         check_gguf_header(&path)?;
 
         let backend = backend()?;
-        let params = LlamaModelParams::default().with_n_gpu_layers(manifest.n_gpu_layers);
+        let split = match manifest.split_mode {
+            SplitMode::None => LlamaSplitMode::None,
+            SplitMode::Layer => LlamaSplitMode::Layer,
+            SplitMode::Row => LlamaSplitMode::Row,
+        };
+        let mut params = LlamaModelParams::default()
+            .with_n_gpu_layers(manifest.n_gpu_layers)
+            .with_main_gpu(manifest.main_gpu)
+            .with_split_mode(split);
+        if !manifest.devices.is_empty() {
+            let indices = super::devices::resolve(&manifest.name, &manifest.devices)?;
+            params = params
+                .with_devices(&indices)
+                .map_err(|e| EngineError::Devices { model: manifest.name.clone(), message: e.to_string() })?;
+        }
         let llama = LlamaModel::load_from_file(backend, &path, &params).map_err(|e| EngineError::ModelLoad {
             path: path.clone(),
             message: format!("{e} (the file is not a model llama.cpp can read; see the log above)"),
@@ -446,6 +465,8 @@ fn model_info(manifest: &ModelManifest, llama: &LlamaModel, n_vocab: usize) -> M
         adds_bos: vocab.should_add_bos(),
         chat_template,
         max_sequences: manifest.max_sequences,
+        weights_bytes: llama.size(),
+        layers: llama.n_layer(),
     }
 }
 

@@ -110,6 +110,16 @@ fn model_json(m: &ModelHandle, status: ModelStatus) -> serde_json::Value {
         "last_error": status.last_error,
         "description": manifest.description,
         "vocab_size": status.info.as_ref().map(|i| i.vocab_size),
+        "weights_bytes": status.info.as_ref().map(|i| i.weights_bytes),
+        "layers": status.info.as_ref().map(|i| i.layers),
+        "gpu": {
+            "n_gpu_layers": manifest.n_gpu_layers,
+            "main_gpu": manifest.main_gpu,
+            "split_mode": format!("{:?}", manifest.split_mode).to_lowercase(),
+            "devices": manifest.devices,
+        },
+        "kv_cache_type": manifest.kv_cache_type.as_str(),
+        "flash_attention": format!("{:?}", manifest.flash_attention).to_lowercase(),
         "context_length": manifest.context_length,
         "max_sequences": manifest.max_sequences,
                 "active_sequences": s.active_sequences.load(Ordering::Relaxed),
@@ -129,6 +139,8 @@ fn models(state: &AppState) -> serde_json::Value {
     let lifecycle = engine.lifecycle();
     json!({
         "models": models,
+        "devices": crate::engine::devices(),
+        "gpu_offload": crate::engine::supports_gpu_offload(),
         "keep_alive": lifecycle.keep_alive.describe(),
         "max_loaded_models": lifecycle.max_loaded_models,
     })
