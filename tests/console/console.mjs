@@ -139,6 +139,11 @@ try {
   await until('the charts to get points', async () =>
     /tok\/s$/.test(await page.textContent('#models tr[data-key="smollm2"] td:nth-of-type(4) .value')), 8000);
   ok('the node view lists models (state, sequences, KV cells, tok/s and step time charts), plugins and usage');
+  const clipped = await page.evaluate(() => {
+    const frame = document.querySelector('#models').closest('.scroll').getBoundingClientRect();
+    return [...document.querySelectorAll('#models button')].filter((b) => b.getBoundingClientRect().right > frame.right + 1).length;
+  });
+  if (clipped) fail(`${clipped} model buttons are cut off on a desktop`);
   await page.screenshot({ path: `${shots}/node-desktop.png`, fullPage: true });
 
   // Model actions.

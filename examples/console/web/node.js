@@ -142,13 +142,19 @@ function renderModels(models, metrics, now) {
     sparkline(rate, series.rate, 'tok/s');
     sparkline(step, series.step, 'ms');
     setText(keepAlive, m.keep_alive);
-    actions.className = 'actions-cell';
+    // The buttons sit in a box of their own: a table cell stays a table cell.
+    let box = actions.querySelector('.actions-cell');
+    if (!box) {
+      box = document.createElement('div');
+      box.className = 'actions-cell';
+      actions.append(box);
+    }
     const loaded = m.state === 'loaded';
-    button(actions, 'load', 'Load', () => modelAction(m.name, 'load')).disabled = loaded;
-    button(actions, 'unload', 'Unload', () => modelAction(m.name, 'unload')).disabled = !loaded;
-    const pin = button(actions, 'pin', m.pinned ? 'Unpin' : 'Pin', () =>
+    button(box, 'load', 'Load', () => modelAction(m.name, 'load')).disabled = loaded;
+    button(box, 'unload', 'Unload', () => modelAction(m.name, 'unload')).disabled = !loaded;
+    const pin = button(box, 'pin', m.pinned ? 'Unpin' : 'Pin', () =>
       modelAction(m.name, pin.textContent === 'Pin' ? 'pin' : 'unpin'));
-    for (const b of actions.querySelectorAll('button')) b.setAttribute('aria-label', `${b.textContent} ${m.name}`);
+    for (const b of box.querySelectorAll('button')) b.setAttribute('aria-label', `${b.textContent} ${m.name}`);
   }
   prune('models', keep);
   node.last = { t: now, models: current };
