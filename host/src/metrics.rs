@@ -322,8 +322,11 @@ impl Collector for EngineGauges {
                 ConstGauge::new(read(model.stats())).encode(metric.encode_family(&labels)?)?;
             }
         }
+        // One status per model per scrape, read by every lifecycle gauge.
+        let statuses: Vec<(ModelLabel, crate::engine::ModelStatus)> =
+            engine.models().map(|m| (ModelLabel { model: m.name().to_string() }, m.status())).collect();
         type State = fn(&crate::engine::ModelStatus) -> i64;
-        let lifecycle: [(&str, &str, State); 3] = [
+        let lifecycle: [(&str, &str, State); 4] = [
             ("flywheel_model_loaded", "1 while the model is loaded, 0 while it is not (it loads on first use)", |s| {
                 i64::from(s.state == crate::engine::ModelState::Loaded)
             }),
@@ -335,24 +338,22 @@ impl Collector for EngineGauges {
             ("flywheel_model_leases", "Requests and sequences using the model now (it is idle at 0)", |s| {
                 s.users as i64
             }),
+            (
+                "flywheel_model_weights_bytes",
+                "Bytes of the model's weights while it is loaded (0 while it is not)",
+                |s| match (&s.info, s.state) {
+                    (Some(info), crate::engine::ModelState::Loaded) => {
+                        i64::try_from(info.weights_bytes).unwrap_or(i64::MAX)
+                    }
+                    _ => 0,
+                },
+            ),
         ];
         for (name, help, read) in lifecycle {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for model in engine.models() {
-                let labels = ModelLabel { model: model.name().to_string() };
-                ConstGauge::new(read(&model.status())).encode(metric.encode_family(&labels)?)?;
+            for (labels, status) in &statuses {
+                ConstGauge::new(read(status)).encode(metric.encode_family(labels)?)?;
             }
-        }
-        let mut weights = encoder.encode_descriptor(
-            "flywheel_model_weights_bytes",
-            "Bytes of the model's weights while it is loaded (0 while it is not)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for model in engine.models() {
-            let labels = ModelLabel { model: model.name().to_string() };
-            let bytes = model.loaded().map_or(0, |m| m.info().weights_bytes);
-            ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX)).encode(weights.encode_family(&labels)?)?;
         }
         let mut memory = encoder.encode_descriptor(
             "flywheel_device_memory_bytes",

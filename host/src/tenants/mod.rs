@@ -195,20 +195,17 @@ impl Account {
 impl TokenAccount for Account {
     fn charge(&self, prompt: u64, generated: u64) -> Result<(), QuotaExceeded> {
         let cost = prompt + generated;
+        // The token taken at admission pays for the first token charged.
         let prepaid = self.prepaid.swap(0, Ordering::Relaxed);
-        let due = cost.saturating_sub(prepaid);
-        if prepaid > cost {
-            self.prepaid.fetch_add(prepaid - cost, Ordering::Relaxed);
-        }
-        if let Err(refused) = self.tenant.limits.take_tokens(due) {
-            // What was prepaid still counts for the next charge.
-            self.prepaid.fetch_add(prepaid.min(cost), Ordering::Relaxed);
+        if let Err(refused) = self.tenant.limits.take_tokens(cost.saturating_sub(prepaid)) {
+            self.prepaid.fetch_add(prepaid, Ordering::Relaxed);
             if !self.stopped.swap(true, Ordering::Relaxed) {
                 self.ledger.record(&self.tenant.name, &self.plugin, |c| c.quota_stops += 1);
             }
             tracing::info!(key = %self.tenant.name, plugin = %self.plugin, quota = refused.quota, "token quota reached");
             return Err(refused.for_key(&self.tenant.name));
         }
+        self.prepaid.fetch_add(prepaid.saturating_sub(cost), Ordering::Relaxed);
         self.ledger.record(&self.tenant.name, &self.plugin, |c| {
             c.prompt_tokens += prompt;
             c.generated_tokens += generated;
