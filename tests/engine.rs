@@ -697,3 +697,38 @@ async fn kv_cache_type_flash_attention_and_devices_from_the_manifest() {
     let cpu = devices.iter().find(|d| d.kind == "cpu").expect("the CPU is a device");
     assert!(cpu.memory_total_bytes > 0 && cpu.memory_free_bytes <= cpu.memory_total_bytes, "{cpu:?}");
 }
+
+/// `flywheel models synth` writes these for machines real weights cannot reach: every
+/// weight type loads, padded vocabularies keep their size, and the same seed gives the same
+/// greedy text (f16 and q8_0 round the f32 weights, so their text may differ from f32's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthetic_models_of_every_weight_type_load_and_generate() {
+    use flywheel::synthetic::{Shape, SyntheticModel, WeightType};
+    let dir = scratch_dir("synthetic");
+    let shape = Shape { n_vocab: 1000, ..Shape::tiny() };
+    for weights in [WeightType::F32, WeightType::F16, WeightType::Q8_0] {
+        let synth = SyntheticModel { shape, weights, ..Default::default() };
+        let path = dir.join(format!("{weights:?}.gguf"));
+        synth.write_to(&path).unwrap();
+        let mut runs = Vec::new();
+        for run in 0..2 {
+            let mut manifest = tiny_manifest(&format!("synth-{weights:?}-{run}"));
+            manifest.file = path.clone();
+            let model = load(manifest);
+            assert_eq!(model.info().vocab_size, 1000, "{weights:?}");
+            let prompt = prompt(&model, 7, 24);
+            let mut seq = model.open().await.unwrap();
+            runs.push(greedy(&mut seq, &prompt, 12).await);
+        }
+        assert_eq!(runs[0], runs[1], "{weights:?}: the same file gives the same greedy tokens");
+        let size = std::fs::metadata(&path).unwrap().len();
+        let f32_size = dir.join("F32.gguf").metadata().unwrap().len();
+        if weights != WeightType::F32 {
+            assert!(size < f32_size, "{weights:?} weights are smaller than f32's ({size} vs {f32_size})");
+        }
+    }
+    // A shape that cannot be stored is refused, not written.
+    let odd =
+        SyntheticModel { shape: Shape { n_ff: 100, ..Shape::tiny() }, weights: WeightType::Q8_0, ..Default::default() };
+    assert!(odd.write_to(&dir.join("odd.gguf")).is_err());
+}

@@ -12,5 +12,6 @@ pub mod nn;
 pub mod oci;
 pub mod plugins;
 pub mod server;
+pub mod synthetic;
 pub mod sys;
 pub mod tenants;

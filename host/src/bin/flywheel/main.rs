@@ -114,6 +114,32 @@ enum ModelsCommand {
         #[arg(long, default_value = "models")]
         models_dir: PathBuf,
     },
+    /// Write a random-weight GGUF model of a real llama shape (for benchmarks where real
+    /// weights cannot go), with a manifest beside it.
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// The GGUF file to write; its manifest goes beside it as `<name>.toml`.
+    out: PathBuf,
+    /// `tiny` (what the tests load) or `llama-1b` (TinyLlama 1.1B's shape).
+    #[arg(long, default_value = "llama-1b")]
+    shape: String,
+    /// How weight matrices are stored: `f32`, `f16` or `q8_0`.
+    #[arg(long, default_value = "f16")]
+    r#type: String,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// The manifest's per-sequence context.
+    #[arg(long, default_value_t = 2048)]
+    context_length: u32,
+    /// The manifest's `n_gpu_layers` (a large number offloads every layer).
+    #[arg(long, default_value_t = 0)]
+    n_gpu_layers: u32,
+    /// The manifest's `max_sequences`.
+    #[arg(long, default_value_t = 16)]
+    max_sequences: usize,
 }
 
 #[derive(Subcommand)]
@@ -266,6 +292,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Generate(args) => small_runtime()?.block_on(generate(args)),
         Command::Models(ModelsCommand::List { models_dir }) => list_models(&models_dir),
+        Command::Models(ModelsCommand::Synth(args)) => synth_model(&args),
         // One thread for the callers: the decode threads get the cores, as in the native loop.
         Command::Bench(BenchCommand::Engine(args)) => small_runtime()?.block_on(bench_engine(args)),
         // Guests run on the server's runtime (a worker per core), as they would when serving.
@@ -392,6 +419,50 @@ fn list_models(dir: &Path) -> anyhow::Result<()> {
         let state = if m.file.exists() { "present" } else { "not fetched" };
         println!("{:<14} {:<12} {}  {}", m.name, state, m.file.display(), m.description);
     }
+    Ok(())
+}
+
+fn synth_model(args: &SynthArgs) -> anyhow::Result<()> {
+    use flywheel::synthetic::{Shape, SyntheticModel, WeightType};
+    let shape = Shape::by_name(&args.shape).with_context(|| format!("no shape {:?} (tiny, llama-1b)", args.shape))?;
+    let weights =
+        WeightType::by_name(&args.r#type).with_context(|| format!("no type {:?} (f32, f16, q8_0)", args.r#type))?;
+    let name = args
+        .out
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .context("the output needs a file name, such as llama-1b.gguf")?
+        .to_string();
+    let model =
+        SyntheticModel { shape, weights, seed: args.seed, context_length: args.context_length, ..Default::default() };
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let started = std::time::Instant::now();
+    model.write_to(&args.out)?;
+    let file = args.out.file_name().and_then(|f| f.to_str()).unwrap_or_default();
+    let manifest = format!(
+        "# Random weights of the {shape} shape ({weights}), written by `flywheel models synth`.\n\
+         name = {name:?}\ndescription = \"synthetic {shape} {weights}, seed {seed}\"\nfile = {file:?}\n\
+         context_length = {ctx}\nn_gpu_layers = {ngl}\nmax_sequences = {seqs}\n",
+        shape = args.shape,
+        weights = args.r#type,
+        seed = args.seed,
+        ctx = args.context_length,
+        ngl = args.n_gpu_layers,
+        seqs = args.max_sequences,
+    );
+    let manifest_path = args.out.with_extension("toml");
+    std::fs::write(&manifest_path, manifest).with_context(|| format!("writing {}", manifest_path.display()))?;
+    let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({:.1} MiB, {} tokens of vocabulary, {:.1} s) and {}",
+        args.out.display(),
+        bytes as f64 / (1 << 20) as f64,
+        model.n_vocab(),
+        started.elapsed().as_secs_f64(),
+        manifest_path.display()
+    );
     Ok(())
 }
 
