@@ -298,10 +298,14 @@ impl SyntheticModel {
     fn check(&self) -> Result<(), SynthError> {
         let s = &self.shape;
         let fail = |why: &str| Err(SynthError::Shape(format!("shape {s:?}: {why}")));
-        if s.n_head == 0 || s.n_head_kv == 0 || s.n_embd % s.n_head != 0 || s.n_head % s.n_head_kv != 0 {
+        if s.n_head == 0
+            || s.n_head_kv == 0
+            || !s.n_embd.is_multiple_of(s.n_head)
+            || !s.n_head.is_multiple_of(s.n_head_kv)
+        {
             return fail("n_embd must divide into n_head heads, and n_head into n_head_kv groups");
         }
-        if self.weights == WeightType::Q8_0 && [s.n_embd, s.n_ff].iter().any(|d| d % Q8_0_BLOCK != 0) {
+        if self.weights == WeightType::Q8_0 && [s.n_embd, s.n_ff].iter().any(|d| !d.is_multiple_of(Q8_0_BLOCK)) {
             return fail("q8_0 rows must be a multiple of 32 values");
         }
         Ok(())
