@@ -50,4 +50,5 @@ cargo clippy --release --all-targets -- -D warnings
 cargo clippy --profile guest --target wasm32-wasip2 "${guests[@]}" -- -D warnings
 cargo build --profile guest --target wasm32-wasip2 "${guests[@]}"
 cargo test --release -p flywheel-guest
-cargo test --release "$@"
+# scripts/build-cuda.sh test runs the host tests as the CUDA build, through its environment.
+${FLYWHEEL_TEST_RUNNER:-} cargo test --release "$@"

@@ -179,6 +179,13 @@ impl Model {
         check_gguf_header(&path)?;
 
         let backend = backend()?;
+        if manifest.n_gpu_layers > 0 && !super::backend::has_gpu() {
+            tracing::warn!(
+                model = %manifest.name,
+                n_gpu_layers = manifest.n_gpu_layers,
+                "the manifest offloads layers but this node has no GPU: the model runs on the CPU"
+            );
+        }
         let split = match manifest.split_mode {
             SplitMode::None => LlamaSplitMode::None,
             SplitMode::Layer => LlamaSplitMode::Layer,
