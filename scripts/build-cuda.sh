@@ -118,8 +118,10 @@ assemble() {
   [[ -f "$dist/libggml-cpu.so" ]] || { echo "build-cuda: libggml-cpu.so was not built" >&2; exit 1; }
   [[ -f "$dist/libggml-cuda.so" ]] || { echo "build-cuda: libggml-cuda.so was not built" >&2; exit 1; }
   # Tests run from target/.../deps and spawn target/.../flywheel: both find the modules.
-  cp "$dist"/libggml-*.so "$target_dir/release/"
-  cp "$dist"/libggml-*.so "$target_dir/release/deps/"
+  for module in libggml-cpu.so libggml-cuda.so; do
+    cp --remove-destination "$dist/$module" "$target_dir/release/"
+    cp --remove-destination "$dist/$module" "$target_dir/release/deps/"
+  done
   if [[ "${SKIP_CUDA_LIBS:-0}" != 1 ]]; then
     cp -L "$cu/lib/libcudart.so.13" "$cu/lib/libcublas.so.13" "$cu/lib/libcublasLt.so.13" "$dist/"
   fi

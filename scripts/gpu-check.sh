@@ -45,9 +45,9 @@ pack() {
     { echo "gpu-check: no $plugins/openai.wasm; run scripts/build-plugins.sh first" >&2; exit 1; }
   stage=$(mktemp -d)
   mkdir -p "$stage/flywheel/plugins"
-  # The node has its own cudart and cuBLAS (beside its nvcc); they are 700 MB.
+  # cuBLAS (700 MB) comes from the node's toolkit, beside its nvcc; cudart (1 MB) travels.
   cp "$dist/flywheel" "$dist"/libllama*.so* "$dist"/libggml*.so* "$stage/flywheel/"
-  rm -f "$stage/flywheel"/libcu*
+  cp -L "$dist"/libcudart.so.* "$stage/flywheel/" 2>/dev/null || true
   strip --strip-unneeded "$stage/flywheel/flywheel" "$stage/flywheel"/*.so*
   cp "$plugins/openai.wasm" "$plugins/openai.toml" "$stage/flywheel/plugins/"
   mkdir -p "$bundle_dir"
@@ -88,7 +88,12 @@ if [[ "$mode" == gpu ]]; then
   shape="${SHAPE:-llama-1b}" ns="1,16,64" cs="16,64" ngl=999 seqs=64 repeat=2 rounds=2
   nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
   nvcc_dir=$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")
-  cuda_lib="${CUDA_LIB_DIR:-$nvcc_dir/../lib64}"
+  cuda_lib=""
+  for dir in ${CUDA_LIB_DIR:-} "$nvcc_dir/../lib64" "$nvcc_dir/../targets/x86_64-linux/lib" \
+    /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu; do
+    if [[ -e "$dir/libcublas.so.13" ]]; then cuda_lib=$(cd "$dir" && pwd); break; fi
+  done
+  [[ -n "$cuda_lib" ]] || { echo "gpu-check: no libcublas.so.13 on this node; set CUDA_LIB_DIR" >&2; exit 1; }
 else
   # Small enough for 2 CPU cores; the same steps, the same binaries, the same flags.
   shape="${SHAPE:-tiny}" ns="1,16" cs="16" ngl=999 seqs=16 repeat=1 rounds=1
@@ -103,6 +108,14 @@ mkdir -p "$models"
 "$fw" models synth "$models/synth.gguf" --shape "$shape" --type "$weights" --context-length 1024 \
   --n-gpu-layers "$ngl" --max-sequences "$seqs" | tee -a "$out/summary.txt"
 vocab=$(awk '/tokens of vocabulary/ {for (i = 1; i < NF; i++) if ($(i + 1) == "tokens") print $i}' "$out/summary.txt" | tr -d '(,')
+
+# One token first: it shows the devices, and stops a GPU run that found none before the benches.
+"$fw" generate --models-dir "$models" --model synth --max-tokens 1 hello >"$out/first-token.log" 2>&1
+grep -iE "compute devices|no CUDA device|offload" "$out/first-token.log" | tee -a "$out/summary.txt" || true
+if [[ "$mode" == gpu ]] && ! grep -q "CUDA0" "$out/first-token.log"; then
+  echo "gpu-check: llama.cpp found no CUDA device here; see $out/first-token.log" >&2
+  exit 1
+fi
 
 echo "gpu-check: bench engine, N = $ns" | tee -a "$out/summary.txt"
 timeout 300 "$fw" bench engine --models-dir "$models" --model synth --n "$ns" --repeat "$repeat" --json \
@@ -139,6 +152,10 @@ for _ in $(seq 1 300); do
 done
 [[ -n "$ready" ]] || { echo "gpu-check: the server did not serve; its log:" >&2; tail -40 "$out/serve.log" >&2; exit 1; }
 grep -iE "device|cuda|gpu|offload" "$out/serve.log" | head -20 | tee -a "$out/summary.txt" || true
+if [[ "$mode" == gpu ]] && grep -q "no CUDA device found" "$out/serve.log"; then
+  echo "gpu-check: the CUDA module found no GPU here (see serve.log); the figures would be the CPU's" >&2
+  exit 1
+fi
 
 echo "gpu-check: bench http, c = $cs" | tee -a "$out/summary.txt"
 timeout 300 "$fw" bench http --url http://127.0.0.1:18080 --model synth --concurrency "$cs" --rounds "$rounds" \
