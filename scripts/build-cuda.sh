@@ -93,7 +93,15 @@ cuda_env() {
 
 build_host() {
   echo "build-cuda: building the host with --features cuda for CUDA architectures $archs ($jobs jobs)"
-  local started=$SECONDS
+  local started=$SECONDS stamp="$target_dir/.cuda-architectures"
+  # The sys crate's build script does not rerun when CMAKE_* variables change: a new
+  # architecture list needs its CMake build redone.
+  if [[ -f "$stamp" && "$(cat "$stamp")" != "$archs" ]]; then
+    echo "build-cuda: architectures changed from $(cat "$stamp"); rebuilding llama.cpp"
+    cargo clean --release -p llama-cpp-sys-2
+  fi
+  mkdir -p "$target_dir"
+  echo "$archs" >"$stamp"
   cargo build --release -p flywheel --features cuda --bin flywheel
   echo "build-cuda: built in $((SECONDS - started)) s"
 }
@@ -112,7 +120,8 @@ assemble() {
   rm -rf "$dist"
   mkdir -p "$dist"
   cp "$target_dir/release/flywheel" "$dist/"
-  cp -L "$out"/lib/lib*.so* "$dist/"
+  # Keep the soname links as links: copies would triple each library.
+  cp -P "$out"/lib/lib*.so* "$dist/"
   # With GGML_BACKEND_DL the modules install beside the executables CMake would build.
   find "$out" -name 'libggml-*.so' -path '*/bin/*' -exec cp -L {} "$dist/" \;
   [[ -f "$dist/libggml-cpu.so" ]] || { echo "build-cuda: libggml-cpu.so was not built" >&2; exit 1; }
@@ -125,7 +134,7 @@ assemble() {
   if [[ "${SKIP_CUDA_LIBS:-0}" != 1 ]]; then
     cp -L "$cu/lib/libcudart.so.13" "$cu/lib/libcublas.so.13" "$cu/lib/libcublasLt.so.13" "$dist/"
   fi
-  strip --strip-debug "$dist/flywheel" "$dist"/lib*.so*
+  find "$dist" -maxdepth 1 -type f \( -name flywheel -o -name '*.so*' \) -exec strip --strip-debug {} +
   echo "build-cuda: the artifact ($(du -sh "$dist" | cut -f1)):"
   ls -la "$dist"
 }

@@ -46,9 +46,9 @@ pack() {
   stage=$(mktemp -d)
   mkdir -p "$stage/flywheel/plugins"
   # cuBLAS (700 MB) comes from the node's toolkit, beside its nvcc; cudart (1 MB) travels.
-  cp "$dist/flywheel" "$dist"/libllama*.so* "$dist"/libggml*.so* "$stage/flywheel/"
+  cp -P "$dist/flywheel" "$dist"/libllama*.so* "$dist"/libggml*.so* "$stage/flywheel/"
   cp -L "$dist"/libcudart.so.* "$stage/flywheel/" 2>/dev/null || true
-  strip --strip-unneeded "$stage/flywheel/flywheel" "$stage/flywheel"/*.so*
+  find "$stage/flywheel" -maxdepth 1 -type f -exec strip --strip-unneeded {} +
   cp "$plugins/openai.wasm" "$plugins/openai.toml" "$stage/flywheel/plugins/"
   mkdir -p "$bundle_dir"
   tar -C "$stage" -cf - flywheel | xz -T0 -9 >"$bundle.tmp"
