@@ -89,11 +89,6 @@ fn is_gpu(kind: llama_cpp_2::LlamaBackendDeviceType) -> bool {
     matches!(kind, Gpu | IntegratedGpu)
 }
 
-/// Whether this node has a GPU llama.cpp can offload layers to.
-pub fn has_gpu() -> bool {
-    backend().is_ok() && llama_cpp_2::list_llama_ggml_backend_devices().iter().any(|d| is_gpu(d.device_type))
-}
-
 /// Whether this build can offload layers to a GPU.
 pub fn supports_gpu_offload() -> bool {
     backend().map(|b| b.supports_gpu_offload()).unwrap_or(false)

@@ -179,7 +179,7 @@ impl Model {
         check_gguf_header(&path)?;
 
         let backend = backend()?;
-        if manifest.n_gpu_layers > 0 && !super::backend::has_gpu() {
+        if manifest.n_gpu_layers > 0 && !backend.supports_gpu_offload() {
             tracing::warn!(
                 model = %manifest.name,
                 n_gpu_layers = manifest.n_gpu_layers,
