@@ -1,6 +1,7 @@
 //! KV layouts under pressure, on the generated tiny model: every prefix-sharing path in both
-//! layouts gives the answers of a cold run and never takes the process down, and a shared
-//! pool that runs out preempts sequences instead of failing them.
+//! layouts gives the answers of a cold run and never takes the process down, closed
+//! sequences' cells stay in their slot until it is needed, and a shared pool that runs out
+//! preempts sequences instead of failing them.
 
 mod support;
 
@@ -178,6 +179,113 @@ async fn every_prefix_path_matches_a_cold_run_in_a_shared_pool() {
     let mut m = tiny_manifest("tiny-pool");
     m.kv_cells = Some(m.context_length * m.max_sequences / 2);
     every_sharing_path(m).await;
+}
+
+/// Reads the retained-token gauge once every command sent before has been handled.
+async fn retained_tokens(model: &Arc<Model>) -> usize {
+    let _probe = model.open().await.unwrap();
+    model.stats().retained_tokens.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_sequences_keep_their_cells_in_their_slot_until_it_is_needed() {
+    // No host cache: whatever is reused after a close comes from cells left in a slot.
+    let mut m = tiny_manifest("tiny-retain");
+    m.max_sequences = 2;
+    m.prefix_cache_mb = 0;
+    let reference = cold("tiny-retain-cold", m.context_length);
+    let model = load(m);
+    let reused = || model.stats().reused_tokens.load(Ordering::Relaxed);
+    let base = prompt(&model, 1, 48);
+
+    let got = cold_answer(&model, &base, 8).await;
+    assert_matches_cold(&reference, &base, &got, &cold_answer(&reference, &base, 8).await, "first prompt").await;
+    assert!(retained_tokens(&model).await >= 48, "the closed sequence's cells were not kept");
+
+    // The next open takes the other, free slot: its prompt continues the closed one's from a copy.
+    let pb = with_prefix(&base, prompt(&model, 2, 10));
+    let before = reused();
+    let got = cold_answer(&model, &pb, 8).await;
+    assert_matches_cold(&reference, &pb, &got, &cold_answer(&reference, &pb, 8).await, "copied from a slot").await;
+    assert!(reused() >= before + 48, "the retained prefix was not reused");
+
+    // Both slots hold closed sequences now. An unrelated prompt takes the oldest and must not
+    // see its cells.
+    let other = prompt(&model, 3, 30);
+    let got = cold_answer(&model, &other, 8).await;
+    assert_matches_cold(&reference, &other, &got, &cold_answer(&reference, &other, 8).await, "repurposed slot").await;
+
+    // The next open takes the slot holding `pb`'s sequence and continues it in place.
+    let pd = with_prefix(&pb, prompt(&model, 4, 6));
+    let before = reused();
+    let got = cold_answer(&model, &pd, 8).await;
+    assert_matches_cold(&reference, &pd, &got, &cold_answer(&reference, &pd, 8).await, "kept in place").await;
+    assert!(reused() >= before + pb.len() as u64, "the slot's own cells were not continued");
+
+    // Sequences opened and closed without a prompt (in the oldest slot, which holds
+    // `other`) leave the slot's cells as they were.
+    drop(model.open().await.unwrap());
+    drop(model.open().await.unwrap());
+    let before = reused();
+    let pe = with_prefix(&other, prompt(&model, 5, 4));
+    let got = cold_answer(&model, &pe, 4).await;
+    assert_matches_cold(&reference, &pe, &got, &cold_answer(&reference, &pe, 4).await, "after empty opens").await;
+    assert!(reused() >= before + other.len() as u64, "an empty open dropped the retained cells");
+    let _probe = model.open().await.unwrap();
+    assert_eq!(model.stats().kv_tokens.load(Ordering::Relaxed), 0, "KV tokens leaked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_opened_in_another_sequences_slot_exchanges_cells_with_its_own() {
+    // No host cache: both closed sequences must survive in KV cells.
+    let mut m = tiny_manifest("tiny-exchange");
+    m.max_sequences = 2;
+    m.prefix_cache_mb = 0;
+    m.prefix_cache_min_tokens = 32;
+    let reference = cold("tiny-exchange-cold", m.context_length);
+    let model = load(m);
+    let reused = || model.stats().reused_tokens.load(Ordering::Relaxed);
+    let (pa, pb) = (prompt(&model, 1, 40), prompt(&model, 2, 40));
+    cold_answer(&model, &pa, 4).await; // slot 0
+    cold_answer(&model, &pb, 4).await; // slot 1, free until now
+                                       // The next open gets the oldest slot, `pa`'s, but continues `pb`: the two swap cells.
+    let pc = with_prefix(&pb, prompt(&model, 3, 6));
+    let before = reused();
+    let got = cold_answer(&model, &pc, 6).await;
+    assert_matches_cold(&reference, &pc, &got, &cold_answer(&reference, &pc, 6).await, "exchanged").await;
+    assert!(reused() >= before + 40, "the other slot's cells were not taken over");
+    // `pa`'s cells moved to the other slot, which is now the oldest: continued in place.
+    let pd = with_prefix(&pa, prompt(&model, 4, 6));
+    let before = reused();
+    let got = cold_answer(&model, &pd, 6).await;
+    assert_matches_cold(&reference, &pd, &got, &cold_answer(&reference, &pd, 6).await, "moved by the exchange").await;
+    assert!(reused() >= before + 40, "the exchange lost the first sequence's cells");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repurposed_slot_moves_its_cells_to_the_host_cache() {
+    let mut m = tiny_manifest("tiny-repurpose");
+    m.max_sequences = 1;
+    m.prefix_cache_mb = 16;
+    m.prefix_cache_min_tokens = 16;
+    let reference = cold("tiny-repurpose-cold", m.context_length);
+    let model = load(m);
+    let first = prompt(&model, 1, 48);
+    cold_answer(&model, &first, 4).await;
+    let probe = model.open().await.unwrap();
+    assert_eq!(model.stats().cached_prefixes.load(Ordering::Relaxed), 0, "a close copied cells out");
+    drop(probe);
+    // The only slot is needed for an unrelated prompt: the first sequence goes to host memory.
+    cold_answer(&model, &prompt(&model, 2, 40), 4).await;
+    let _probe = model.open().await.unwrap();
+    assert_eq!(model.stats().cached_prefixes.load(Ordering::Relaxed), 1);
+    drop(_probe);
+    // And comes back from there for a prompt that continues it.
+    let again = with_prefix(&first, prompt(&model, 3, 8));
+    let before = model.stats().reused_tokens.load(Ordering::Relaxed);
+    let got = cold_answer(&model, &again, 8).await;
+    assert_matches_cold(&reference, &again, &got, &cold_answer(&reference, &again, 8).await, "from host memory").await;
+    assert!(model.stats().reused_tokens.load(Ordering::Relaxed) >= before + 48, "the cached state was not restored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,12 +302,17 @@ impl Collector for EngineGauges {
         let Some(engine) = self.engine.get().and_then(Weak::upgrade) else { return Ok(()) };
         use std::sync::atomic::Ordering::Relaxed;
         type Read = fn(&crate::engine::EngineStats) -> i64;
-        let gauges: [(&str, &str, Read); 5] = [
+        let gauges: [(&str, &str, Read); 6] = [
             ("flywheel_active_sequences", "Sequences open now", |s| s.active_sequences.load(Relaxed) as i64),
             ("flywheel_sequence_queue_depth", "Opens waiting for a free sequence", |s| {
                 s.waiting_opens.load(Relaxed) as i64
             }),
             ("flywheel_kv_tokens", "Tokens held in KV cells by open sequences", |s| s.kv_tokens.load(Relaxed) as i64),
+            (
+                "flywheel_kv_retained_tokens",
+                "Tokens closed sequences left in KV cells until their slot is needed",
+                |s| s.retained_tokens.load(Relaxed) as i64,
+            ),
             ("flywheel_prefix_cache_entries", "Closed sequences cached for prefix reuse", |s| {
                 s.cached_prefixes.load(Relaxed) as i64
             }),

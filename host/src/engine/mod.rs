@@ -17,6 +17,7 @@ mod model;
 mod prefix_cache;
 pub(crate) mod scheduler;
 mod sequence;
+mod slots;
 mod tokenizer;
 pub mod topk;
 

@@ -49,6 +49,9 @@ pub struct EngineStats {
     pub waiting_opens: AtomicUsize,
     /// Tokens in the KV cells of open sequences (shared prefixes count once per sequence).
     pub kv_tokens: AtomicUsize,
+    /// Tokens in the KV cells closed sequences left in their slots (kept until the slot
+    /// is needed again, for prompts that continue them).
+    pub retained_tokens: AtomicUsize,
     /// Closed sequences whose KV state is cached in host memory for prefix reuse.
     pub cached_prefixes: AtomicUsize,
     /// Bytes those cached states take.

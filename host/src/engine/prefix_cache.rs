@@ -32,6 +32,11 @@ impl PrefixCache {
         self.budget > 0 && len >= self.min_tokens
     }
 
+    /// Shortest sequence worth keeping.
+    pub(crate) fn min_tokens(&self) -> usize {
+        self.min_tokens
+    }
+
     /// Whether an entry already covers `tokens` (then there is no need to copy them out);
     /// marks that entry used.
     pub(crate) fn covers(&mut self, tokens: &[i32]) -> bool {

@@ -11,10 +11,12 @@
 //! out: then the newest sequence is preempted (its state goes to host memory, and it is
 //! restored or recomputed when there is room again).
 //!
-//! Prefix reuse: a fresh prompt that starts with tokens already computed for a live
-//! sequence gets a copy of those cells; one that starts like a recently closed sequence
-//! gets that sequence's KV state copied back from a host-memory cache; a fresh prompt
-//! sharing a prefix with a prompt being computed in this step waits for it, then copies.
+//! Prefix reuse: a closed sequence's cells stay in its stream (`slots.rs`) until the slot
+//! is needed again, and only then go to a host-memory cache, when worth keeping. A fresh
+//! prompt that starts with tokens some slot holds continues from them: in place when its
+//! own slot holds them, otherwise from a copy; one that starts like a sequence in the host
+//! cache gets that state copied back; a fresh prompt sharing a prefix with a prompt being
+//! computed in this step waits for it, then copies.
 //! Batch entries always belong to one sequence and are sorted by sequence, so llama.cpp
 //! never splits a step further than it must and no copy takes a path that asserts.
 
@@ -32,6 +34,7 @@ use tokio::sync::oneshot;
 use super::kv::Layout;
 use super::model::EngineStats;
 use super::prefix_cache::{common_prefix, window_allows, PrefixCache};
+use super::slots::{self, Feed, Live, Retained, Slot};
 use super::{topk, EngineError, ModelManifest, Output, StepInfo, StepObserver, Want};
 
 /// What a model's callers ask of its scheduler.
@@ -44,47 +47,6 @@ pub(crate) enum Command {
 /// One sequence id per open sequence.
 pub(crate) fn seq_slots(m: &ModelManifest) -> usize {
     m.max_sequences
-}
-
-struct Feed {
-    want: Want,
-    reply: oneshot::Sender<Result<Output, EngineError>>,
-}
-
-struct Live {
-    /// Tokens whose KV cells exist, at positions 0..len.
-    history: Vec<i32>,
-    /// Tokens not yet computed: the current feed's, after any that a preemption took
-    /// out of the cells.
-    pending: Vec<i32>,
-    feed: Option<Feed>,
-    /// When this sequence's last feed was answered, until its next command arrives.
-    answered_at: Option<Instant>,
-    /// The sequence holds no cells and has not yet looked for a reusable prefix.
-    fresh: bool,
-    /// Position where the current feed's tokens start: a failed feed rolls back to it.
-    feed_start: usize,
-    /// The current feed is one generated token (a decode), not a prompt or its last chunk.
-    decoding: bool,
-    /// Open order: the newest sequence is the one preempted.
-    opened: u64,
-}
-
-impl Live {
-    /// Common prefix of `prompt` with what this sequence holds and will hold once its
-    /// pending tokens are computed.
-    fn future_prefix(&self, prompt: &[i32]) -> usize {
-        let done = common_prefix(&self.history, prompt);
-        if done < self.history.len() {
-            return done;
-        }
-        done + common_prefix(&self.pending, &prompt[done..])
-    }
-}
-
-enum Slot {
-    Free,
-    Live(Live),
 }
 
 /// What one sequence gets from a step.
@@ -126,6 +88,7 @@ pub(crate) struct Scheduler<'m> {
     stats: Arc<EngineStats>,
     observer: Arc<dyn StepObserver>,
     opens: u64,
+    closes: u64,
     last_step_end: Instant,
     last_step_time: Duration,
 }
@@ -134,6 +97,7 @@ impl Drop for Scheduler<'_> {
     /// The model unloads: what its gauges counted goes with it.
     fn drop(&mut self) {
         self.stats.kv_tokens.store(0, Ordering::Relaxed);
+        self.stats.retained_tokens.store(0, Ordering::Relaxed);
         self.stats.cached_prefixes.store(0, Ordering::Relaxed);
         self.stats.cached_bytes.store(0, Ordering::Relaxed);
     }
@@ -171,6 +135,7 @@ impl<'m> Scheduler<'m> {
             stats,
             observer,
             opens: 0,
+            closes: 0,
             last_step_end: Instant::now(),
             last_step_time: Duration::ZERO,
         }
@@ -204,7 +169,7 @@ impl<'m> Scheduler<'m> {
                 let r = self.open();
                 // The caller gave up (its future was dropped): nobody will close this slot.
                 if let Err(Ok(seq)) = reply.send(r) {
-                    self.slots[seq as usize] = Slot::Free;
+                    self.abandon(seq);
                 }
             }
             Command::Feed { seq, tokens, want, reply } => {
@@ -214,29 +179,45 @@ impl<'m> Scheduler<'m> {
             }
             Command::Close { seq } => self.close(seq),
         }
+        self.count_retained();
+    }
+
+    /// Publish how many tokens retained cells hold (a handful of slots: cheap to recount).
+    fn count_retained(&self) {
+        let retained = self
+            .slots
+            .iter()
+            .map(|s| match s {
+                Slot::Retained(r) => r.tokens.len(),
+                Slot::Live(l) => l.retained.as_ref().map_or(0, |r| r.tokens.len()),
+                Slot::Free => 0,
+            })
+            .sum();
+        self.stats.retained_tokens.store(retained, Ordering::Relaxed);
     }
 
     fn open(&mut self) -> Result<i32, EngineError> {
         // Admission control keeps open sequences within the slots (and an open whose caller
-        // is gone frees its slot at once), so one is free. The lowest free id keeps the ids
-        // in a step contiguous, which llama.cpp needs to run it as one batch.
-        let free = self
-            .slots
-            .iter()
-            .position(|s| matches!(s, Slot::Free))
-            .ok_or_else(|| EngineError::KvCacheFull { model: self.name.clone() })?;
+        // is gone frees its slot at once), so one is free or retained.
+        let slot = slots::choose(&self.slots).ok_or_else(|| EngineError::KvCacheFull { model: self.name.clone() })?;
         self.opens += 1;
-        self.slots[free] = Slot::Live(Live {
-            history: Vec::new(),
-            pending: Vec::new(),
-            feed: None,
-            answered_at: None,
-            fresh: true,
-            feed_start: 0,
-            decoding: false,
-            opened: self.opens,
-        });
-        Ok(free as i32)
+        let retained = match std::mem::replace(&mut self.slots[slot], Slot::Free) {
+            Slot::Retained(r) => Some(r),
+            _ => None,
+        };
+        self.slots[slot] = Slot::Live(Live::new(self.opens, retained));
+        Ok(slot as i32)
+    }
+
+    /// Undo an open nobody will use: the slot's retained cells are untouched, so it goes
+    /// back to holding them.
+    fn abandon(&mut self, seq: i32) {
+        let Some(slot) = self.slots.get_mut(seq as usize) else { return };
+        if let Slot::Live(live) = std::mem::replace(slot, Slot::Free) {
+            if let Some(r) = live.retained {
+                *slot = Slot::Retained(r);
+            }
+        }
     }
 
     fn accept_feed(
@@ -286,17 +267,51 @@ impl<'m> Scheduler<'m> {
 
     fn close(&mut self, seq: i32) {
         let Some(slot) = self.slots.get_mut(seq as usize) else { return };
-        let Slot::Live(live) = std::mem::replace(slot, Slot::Free) else { return };
+        let Slot::Live(mut live) = std::mem::replace(slot, Slot::Free) else { return };
         self.queue.retain(|&s| s != seq);
         self.stats.kv_tokens.fetch_sub(live.history.len(), Ordering::Relaxed);
-        self.save_state(seq, live.history);
-        self.remove_cells(seq);
+        if live.history.is_empty() {
+            // Nothing was computed: cells the slot retained are still there.
+            if let Some(r) = live.retained.take() {
+                self.slots[seq as usize] = Slot::Retained(r);
+            }
+            return;
+        }
+        match self.layout {
+            // The cells stay where they are, free to keep: a later prompt continues from
+            // them, and they reach the host cache only if the slot is needed first.
+            Layout::Streams => {
+                self.closes += 1;
+                self.slots[seq as usize] = Slot::Retained(Retained { tokens: live.history, closed: self.closes });
+            }
+            // Cells in a shared pool are wanted by the other sequences.
+            Layout::Pool => {
+                self.save_state(seq, live.history);
+                self.remove_cells(seq);
+            }
+        }
+    }
+
+    /// Make way in `seq`'s cells for new work: what they hold goes to the host cache when
+    /// worth keeping, then they are cleared.
+    fn evict(&mut self, seq: i32, retained: Option<Retained>) {
+        if let Some(r) = retained {
+            self.save_state(seq, r.tokens);
+            self.remove_cells(seq);
+        }
     }
 
     /// Copy a sequence's KV state to the host-memory cache, unless it is too short to be
     /// worth it or a cached entry already covers it.
     fn save_state(&mut self, seq: i32, tokens: Vec<i32>) {
         if !self.cache.wants(tokens.len()) || self.cache.covers(&tokens) {
+            return;
+        }
+        // Another slot's cells hold it all (and will be kept in turn when that slot goes).
+        let held = |(i, s): (usize, &Slot)| {
+            i != seq as usize && matches!(s, Slot::Retained(r) if r.tokens.starts_with(&tokens))
+        };
+        if self.slots.iter().enumerate().any(held) {
             return;
         }
         let pos_min = self.ctx.kv_cache_seq_pos_min(seq);
@@ -331,7 +346,7 @@ impl<'m> Scheduler<'m> {
     fn lives(&self) -> impl Iterator<Item = (i32, &Live)> {
         self.slots.iter().enumerate().filter_map(|(i, s)| match s {
             Slot::Live(l) => Some((i as i32, l)),
-            Slot::Free => None,
+            Slot::Free | Slot::Retained(_) => None,
         })
     }
 
@@ -345,9 +360,13 @@ impl<'m> Scheduler<'m> {
         }
         let cap = prompt.len() - 1;
         let now = self
-            .lives()
-            .filter(|&(s, _)| s != seq)
-            .map(|(_, l)| common_prefix(&l.history, prompt))
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != seq as usize)
+            .map(|(_, s)| s.cells())
+            .chain(live.retained.as_ref().map(|r| r.tokens.as_slice()))
+            .map(|cells| common_prefix(cells, prompt))
             .chain(self.cache.best_match(prompt, cap, 0, self.n_swa).map(|(_, n)| n))
             .max()
             .unwrap_or(0)
@@ -357,29 +376,50 @@ impl<'m> Scheduler<'m> {
         later >= now + self.min_shared_prefix
     }
 
-    /// Give a fresh prompt the longest prefix already computed: a live sequence's cells or
-    /// a closed sequence's cached state, copied into its own. Returns the tokens taken over.
+    /// Give a fresh prompt the longest prefix already computed: what its own slot retained
+    /// (kept in place), another slot's cells, or a closed sequence's cached state (copied
+    /// into its own). Returns the tokens taken over.
     fn reuse_prefix(&mut self, seq: i32) -> usize {
         let min = self.min_shared_prefix;
         let Some(live) = self.live_mut(seq) else { return 0 };
         live.fresh = false;
+        let retained = live.retained.take();
         if !live.history.is_empty() || live.pending.len() < 2 {
+            self.evict(seq, retained);
             return 0;
         }
         // Keep at least one token to compute: its row answers the feed.
         let cap = live.pending.len() - 1;
         let prompt = std::mem::take(&mut live.pending);
-        let from_live = self
-            .lives()
-            .filter(|&(s, _)| s != seq)
-            .map(|(s, l)| (s, common_prefix(&l.history, &prompt).min(cap)))
-            .filter(|&(s, n)| n >= min && window_allows(n, self.ctx.kv_cache_seq_pos_min(s), self.n_swa))
+        let usable = |n: usize, s: i32| n >= min && window_allows(n, self.ctx.kv_cache_seq_pos_min(s), self.n_swa);
+        let own = retained.as_ref().map_or(0, |r| common_prefix(&r.tokens, &prompt).min(cap));
+        let own = if usable(own, seq) { own } else { 0 };
+        let from_slots = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != seq as usize)
+            .map(|(i, s)| (i as i32, common_prefix(s.cells(), &prompt).min(cap)))
+            .filter(|&(s, n)| usable(n, s))
             .max_by_key(|&(_, n)| n);
         let from_cache = self.cache.best_match(&prompt, cap, min, self.n_swa);
-        let reused = match (from_live, from_cache) {
-            (Some((src, n)), cached) if cached.is_none_or(|(_, c)| n >= c) => self.copy_live(src, seq, n),
-            (_, Some((i, n))) => self.restore_cached(i, seq, n),
-            _ => 0,
+        let elsewhere = from_slots.map_or(0, |(_, n)| n).max(from_cache.map_or(0, |(_, n)| n));
+        let from_retained = from_slots.filter(|&(src, _)| matches!(self.slots[src as usize], Slot::Retained(_)));
+        let from_slots_wins = from_slots.is_some_and(|(_, n)| from_cache.is_none_or(|(_, c)| n >= c));
+        let reused = match retained {
+            Some(r) if own > 0 && own >= elsewhere => self.continue_retained(seq, r, own),
+            Some(r) if from_slots_wins && from_retained.is_some() && r.tokens.len() >= self.cache.min_tokens() => {
+                let (src, n) = from_retained.unwrap_or_default();
+                self.swap_retained(seq, r, src, n)
+            }
+            retained => {
+                self.evict(seq, retained);
+                match (from_slots, from_cache) {
+                    (Some((src, n)), cached) if cached.is_none_or(|(_, c)| n >= c) => self.copy_live(src, seq, n),
+                    (_, Some((i, n))) => self.restore_cached(i, seq, n),
+                    _ => 0,
+                }
+            }
         };
         if let Some(live) = self.live_mut(seq) {
             live.history.extend_from_slice(&prompt[..reused]);
@@ -390,6 +430,66 @@ impl<'m> Scheduler<'m> {
             self.stats.kv_tokens.fetch_add(reused, Ordering::Relaxed);
         }
         reused
+    }
+
+    /// Continue from the first `n` cells retained slot `src` holds, and give `src` what
+    /// `seq`'s slot retained in exchange: both stay in KV cells, where copying `seq`'s out
+    /// to make room would put them in host memory (a returning conversation that opened
+    /// in another conversation's slot).
+    fn swap_retained(&mut self, seq: i32, own: Retained, src: i32, n: usize) -> usize {
+        let flags = LlamaStateSeqFlags::empty();
+        let lost = match &self.slots[src as usize] {
+            Slot::Retained(r) if r.tokens.len() - n >= self.cache.min_tokens() => Some(r.tokens.clone()),
+            _ => None,
+        };
+        if let Some(tokens) = lost {
+            self.save_state(src, tokens);
+        }
+        let states =
+            self.ctx.state_seq_get(src, flags).and_then(|theirs| Ok((theirs, self.ctx.state_seq_get(seq, flags)?)));
+        let (theirs, mine) = match states {
+            Ok(states) => states,
+            Err(e) => {
+                tracing::warn!(model = %self.name, seq, error = %e, "retained cells not exchanged; computing them");
+                self.evict(seq, Some(own));
+                return 0;
+            }
+        };
+        match self.ctx.state_seq_set(&mine, src) {
+            Ok(()) => self.slots[src as usize] = Slot::Retained(own),
+            Err(e) => {
+                tracing::warn!(model = %self.name, seq = src, error = %e, "retained cells lost in an exchange");
+                self.remove_cells(src);
+                self.slots[src as usize] = Slot::Free;
+            }
+        }
+        let restored = self.ctx.state_seq_set(&theirs, seq).map_err(|e| e.to_string()).and_then(|()| {
+            self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(n as u32), None).map(|_| ()).map_err(|e| e.to_string())
+        });
+        match restored {
+            Ok(()) => n,
+            Err(e) => {
+                tracing::warn!(model = %self.name, seq, error = %e, "exchanged cells not restored; computing them");
+                self.remove_cells(seq);
+                0
+            }
+        }
+    }
+
+    /// Continue from the first `n` cells `seq`'s slot retained and drop the rest, which
+    /// goes to the host cache first when a tail worth keeping would be lost.
+    fn continue_retained(&mut self, seq: i32, retained: Retained, n: usize) -> usize {
+        if retained.tokens.len() - n >= self.cache.min_tokens() {
+            self.save_state(seq, retained.tokens);
+        }
+        match self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(n as u32), None) {
+            Ok(_) => n,
+            Err(e) => {
+                tracing::warn!(model = %self.name, seq, error = %e, "retained cells not trimmed; computing them");
+                self.remove_cells(seq);
+                0
+            }
+        }
     }
 
     fn copy_live(&mut self, src: i32, dst: i32, n: usize) -> usize {
@@ -511,6 +611,7 @@ impl<'m> Scheduler<'m> {
             }
         };
         self.finish(&planned, &rows);
+        self.count_retained();
         let now = Instant::now();
         self.last_step_time = now - started;
         self.last_step_end = now;

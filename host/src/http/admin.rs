@@ -125,6 +125,7 @@ fn model_json(m: &ModelHandle, status: ModelStatus) -> serde_json::Value {
                 "active_sequences": s.active_sequences.load(Ordering::Relaxed),
                 "waiting_opens": s.waiting_opens.load(Ordering::Relaxed),
                 "kv_tokens": s.kv_tokens.load(Ordering::Relaxed),
+                "kv_retained_tokens": s.retained_tokens.load(Ordering::Relaxed),
                 "prefix_cache_entries": s.cached_prefixes.load(Ordering::Relaxed),
                 "generated_tokens": s.decode_tokens.load(Ordering::Relaxed),
                 "prefill_tokens": s.prefill_tokens.load(Ordering::Relaxed),
