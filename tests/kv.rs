@@ -263,6 +263,45 @@ async fn a_prompt_opened_in_another_sequences_slot_exchanges_cells_with_its_own(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_turn_conversations_at_the_slot_limit_match_cold_runs() {
+    // Every turn resends the history (minus a few tokens at its end, as a re-tokenized
+    // answer may differ) plus a new question, all conversations at once, so turns open in
+    // each other's slots, exchange cells, continue in place and go through host memory.
+    let mut m = tiny_manifest("tiny-turns");
+    m.max_sequences = 4;
+    m.prefix_cache_min_tokens = 16;
+    m.prefix_cache_mb = 1;
+    let reference = cold("tiny-turns-cold", m.context_length);
+    let model = load(m);
+    let conversations = 6;
+    let mut histories: Vec<Vec<i32>> = (0..conversations).map(|c| prompt(&model, 100 + c, 20)).collect();
+    for turn in 0..4 {
+        let tasks: Vec<_> = histories
+            .iter()
+            .enumerate()
+            .map(|(c, h)| {
+                let mut p = h[..h.len() - (c + turn) % 3].to_vec();
+                p.extend(&prompt(&model, 1000 + 10 * c + turn, 8)[1..]);
+                let model = model.clone();
+                tokio::spawn(async move {
+                    let mut seq = model.open().await.unwrap();
+                    let out = greedy(&mut seq, &p, 10).await;
+                    (p, out)
+                })
+            })
+            .collect();
+        for (c, t) in tasks.into_iter().enumerate() {
+            let (p, got) = t.await.unwrap();
+            let want = cold_answer(&reference, &p, 10).await;
+            assert_matches_cold(&reference, &p, &got, &want, &format!("conversation {c} turn {turn}")).await;
+            histories[c] = p.iter().chain(&got[..got.len() - 1]).copied().collect();
+        }
+    }
+    let _probe = model.open().await.unwrap();
+    assert_eq!(model.stats().kv_tokens.load(Ordering::Relaxed), 0, "KV tokens leaked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repurposed_slot_moves_its_cells_to_the_host_cache() {
     let mut m = tiny_manifest("tiny-repurpose");
     m.max_sequences = 1;

@@ -413,7 +413,13 @@ impl<'m> Scheduler<'m> {
                 self.swap_retained(seq, r, src, n)
             }
             retained => {
-                self.evict(seq, retained);
+                // Keeping the evicted cells may reorder the host cache: look it up again.
+                let from_cache = if retained.is_some() {
+                    self.evict(seq, retained);
+                    self.cache.best_match(&prompt, cap, min, self.n_swa)
+                } else {
+                    from_cache
+                };
                 match (from_slots, from_cache) {
                     (Some((src, n)), cached) if cached.is_none_or(|(_, c)| n >= c) => self.copy_live(src, seq, n),
                     (_, Some((i, n))) => self.restore_cached(i, seq, n),
