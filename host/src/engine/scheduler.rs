@@ -404,7 +404,7 @@ impl<'m> Scheduler<'m> {
             .max_by_key(|&(_, n)| n);
         let from_cache = self.cache.best_match(&prompt, cap, min, self.n_swa);
         let elsewhere = from_slots.map_or(0, |(_, n)| n).max(from_cache.map_or(0, |(_, n)| n));
-        let from_retained = from_slots.filter(|&(src, _)| matches!(self.slots[src as usize], Slot::Retained(_)));
+        let from_retained = from_slots.filter(|&(src, _)| self.slots[src as usize].retained_mut().is_some());
         let from_slots_wins = from_slots.is_some_and(|(_, n)| from_cache.is_none_or(|(_, c)| n >= c));
         let reused = match retained {
             Some(r) if own > 0 && own >= elsewhere => self.continue_retained(seq, r, own),
@@ -438,16 +438,18 @@ impl<'m> Scheduler<'m> {
         reused
     }
 
-    /// Continue from the first `n` cells retained slot `src` holds, and give `src` what
-    /// `seq`'s slot retained in exchange: both stay in KV cells, where copying `seq`'s out
-    /// to make room would put them in host memory (a returning conversation that opened
-    /// in another conversation's slot).
+    /// Continue from the first `n` cells slot `src` retained (closed, or opened but not yet
+    /// fed), and give `src` what `seq`'s slot retained in exchange: both stay in KV cells,
+    /// where copying `seq`'s out to make room would put them in host memory. This is how a
+    /// returning conversation that opened in another conversation's slot finds its own
+    /// cells, including when every conversation opens at once.
     fn swap_retained(&mut self, seq: i32, own: Retained, src: i32, n: usize) -> usize {
         let flags = LlamaStateSeqFlags::empty();
-        let lost = match &self.slots[src as usize] {
-            Slot::Retained(r) if r.tokens.len() - n >= self.cache.min_tokens() => Some(r.tokens.clone()),
-            _ => None,
-        };
+        let min_tokens = self.cache.min_tokens();
+        let lost = self.slots[src as usize]
+            .retained_mut()
+            .filter(|r| r.tokens.len() - n >= min_tokens)
+            .map(|r| r.tokens.clone());
         if let Some(tokens) = lost {
             self.save_state(src, tokens);
         }
@@ -462,11 +464,15 @@ impl<'m> Scheduler<'m> {
             }
         };
         match self.ctx.state_seq_set(&mine, src) {
-            Ok(()) => self.slots[src as usize] = Slot::Retained(own),
+            Ok(()) => {
+                if let Some(r) = self.slots[src as usize].retained_mut() {
+                    *r = own;
+                }
+            }
             Err(e) => {
                 tracing::warn!(model = %self.name, seq = src, error = %e, "retained cells lost in an exchange");
                 self.remove_cells(src);
-                self.slots[src as usize] = Slot::Free;
+                self.slots[src as usize].drop_retained();
             }
         }
         let restored = self.ctx.state_seq_set(&theirs, seq).map_err(|e| e.to_string()).and_then(|()| {

@@ -85,6 +85,25 @@ pub(crate) enum Slot {
 }
 
 impl Slot {
+    /// The cells a closed sequence left here, while nothing else uses the slot: a retained
+    /// slot, or one a sequence has opened in but not yet fed.
+    pub(crate) fn retained_mut(&mut self) -> Option<&mut Retained> {
+        match self {
+            Slot::Retained(r) => Some(r),
+            Slot::Live(l) if l.history.is_empty() => l.retained.as_mut(),
+            _ => None,
+        }
+    }
+
+    /// Forget the cells a closed sequence left here (they were cleared).
+    pub(crate) fn drop_retained(&mut self) {
+        match self {
+            Slot::Retained(_) => *self = Slot::Free,
+            Slot::Live(l) => l.retained = None,
+            Slot::Free => {}
+        }
+    }
+
     /// The tokens whose cells this slot holds.
     pub(crate) fn cells(&self) -> &[i32] {
         match self {
