@@ -202,20 +202,21 @@ async fn closed_sequences_keep_their_cells_in_their_slot_until_it_is_needed() {
     assert_matches_cold(&reference, &base, &got, &cold_answer(&reference, &base, 8).await, "first prompt").await;
     assert!(retained_tokens(&model).await >= 48, "the closed sequence's cells were not kept");
 
-    // The next open takes the other, free slot: its prompt continues the closed one's from a copy.
+    // The next open takes the other, free slot, but its prompt continues the closed one's:
+    // it moves to that slot and goes on from its cells.
     let pb = with_prefix(&base, prompt(&model, 2, 10));
     let before = reused();
     let got = cold_answer(&model, &pb, 8).await;
     assert_matches_cold(&reference, &pb, &got, &cold_answer(&reference, &pb, 8).await, "copied from a slot").await;
     assert!(reused() >= before + 48, "the retained prefix was not reused");
+    assert!(retained_tokens(&model).await >= pb.len(), "the sequence did not stay in the slot it moved to");
 
-    // Both slots hold closed sequences now. An unrelated prompt takes the oldest and must not
-    // see its cells.
+    // An unrelated prompt (in the free slot) must not see any of those cells.
     let other = prompt(&model, 3, 30);
     let got = cold_answer(&model, &other, 8).await;
     assert_matches_cold(&reference, &other, &got, &cold_answer(&reference, &other, 8).await, "repurposed slot").await;
 
-    // The next open takes the slot holding `pb`'s sequence and continues it in place.
+    // The next open takes the oldest slot, holding `pb`'s sequence, and continues it in place.
     let pd = with_prefix(&pb, prompt(&model, 4, 6));
     let before = reused();
     let got = cold_answer(&model, &pd, 8).await;
@@ -236,7 +237,7 @@ async fn closed_sequences_keep_their_cells_in_their_slot_until_it_is_needed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_prompt_opened_in_another_sequences_slot_exchanges_cells_with_its_own() {
+async fn prompts_opened_in_each_others_slots_exchange_cells() {
     // No host cache: both closed sequences must survive in KV cells.
     let mut m = tiny_manifest("tiny-exchange");
     m.max_sequences = 2;
@@ -244,22 +245,26 @@ async fn a_prompt_opened_in_another_sequences_slot_exchanges_cells_with_its_own(
     m.prefix_cache_min_tokens = 32;
     let reference = cold("tiny-exchange-cold", m.context_length);
     let model = load(m);
-    let reused = || model.stats().reused_tokens.load(Ordering::Relaxed);
     let (pa, pb) = (prompt(&model, 1, 40), prompt(&model, 2, 40));
     cold_answer(&model, &pa, 4).await; // slot 0
-    cold_answer(&model, &pb, 4).await; // slot 1, free until now
-                                       // The next open gets the oldest slot, `pa`'s, but continues `pb`: the two swap cells.
-    let pc = with_prefix(&pb, prompt(&model, 3, 6));
-    let before = reused();
-    let got = cold_answer(&model, &pc, 6).await;
-    assert_matches_cold(&reference, &pc, &got, &cold_answer(&reference, &pc, 6).await, "exchanged").await;
-    assert!(reused() >= before + 40, "the other slot's cells were not taken over");
-    // `pa`'s cells moved to the other slot, which is now the oldest: continued in place.
-    let pd = with_prefix(&pa, prompt(&model, 4, 6));
-    let before = reused();
-    let got = cold_answer(&model, &pd, 6).await;
-    assert_matches_cold(&reference, &pd, &got, &cold_answer(&reference, &pd, 6).await, "moved by the exchange").await;
-    assert!(reused() >= before + 40, "the exchange lost the first sequence's cells");
+    cold_answer(&model, &pb, 4).await; // slot 1
+                                       // Both open before either prompt arrives: the first takes the oldest slot, `pa`'s, and
+                                       // continues `pb`; the second gets `pb`'s slot and continues `pa`. Neither can move to
+                                       // the slot it wants (the other holds it), so they exchange cells.
+    let continuing = [with_prefix(&pb, prompt(&model, 3, 6)), with_prefix(&pa, prompt(&model, 4, 6))];
+    let mut seqs = vec![model.open().await.unwrap(), model.open().await.unwrap()];
+    let before = model.stats().reused_tokens.load(Ordering::Relaxed);
+    let tasks: Vec<_> = seqs
+        .drain(..)
+        .zip(continuing.clone())
+        .map(|(mut s, p)| tokio::spawn(async move { greedy(&mut s, &p, 6).await }))
+        .collect();
+    for (t, p) in tasks.into_iter().zip(&continuing) {
+        let got = t.await.unwrap();
+        assert_matches_cold(&reference, p, &got, &cold_answer(&reference, p, 6).await, "exchanged").await;
+    }
+    let reused = model.stats().reused_tokens.load(Ordering::Relaxed) - before;
+    assert!(reused >= 80, "{reused} tokens reused: a sequence's cells were lost in the exchange");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,7 +81,10 @@ pub(crate) struct Scheduler<'m> {
     min_shared_prefix: usize,
     max_batch_wait: Duration,
     slots: Vec<Slot>,
-    /// Sequences with work, in arrival order (fairness for prompt chunks).
+    /// The slot of each id callers hold (`None`: not open). A fresh sequence may move to
+    /// the slot holding its prompt's prefix, so ids and slots are not the same.
+    routes: Vec<Option<usize>>,
+    /// Sequences (by slot) with work, in arrival order (fairness for prompt chunks).
     queue: VecDeque<i32>,
     /// Prompts that found no free cells in this step; they wait for the next one.
     held: Vec<i32>,
@@ -130,6 +133,7 @@ impl<'m> Scheduler<'m> {
             min_shared_prefix: m.min_shared_prefix.max(1),
             max_batch_wait: Duration::from_micros(m.max_batch_wait_us),
             slots: (0..slots).map(|_| Slot::Free).collect(),
+            routes: vec![None; slots],
             queue: VecDeque::new(),
             held: Vec::new(),
             stats,
@@ -168,16 +172,26 @@ impl<'m> Scheduler<'m> {
             Command::Open { reply } => {
                 let r = self.open();
                 // The caller gave up (its future was dropped): nobody will close this slot.
-                if let Err(Ok(seq)) = reply.send(r) {
-                    self.abandon(seq);
+                if let Err(Ok(id)) = reply.send(r) {
+                    if let Some(slot) = self.unroute(id) {
+                        self.abandon(slot);
+                    }
                 }
             }
-            Command::Feed { seq, tokens, want, reply } => {
+            Command::Feed { seq: id, tokens, want, reply } => {
+                let Some(seq) = self.route(id) else {
+                    let _ = reply.send(Err(EngineError::InvalidArgument(format!("sequence {id} is not open"))));
+                    return;
+                };
                 if let Err(e) = self.accept_feed(seq, tokens, want, reply) {
                     tracing::debug!(model = %self.name, seq, error = %e, "feed refused");
                 }
             }
-            Command::Close { seq } => self.close(seq),
+            Command::Close { seq: id } => {
+                if let Some(seq) = self.unroute(id) {
+                    self.close(seq);
+                }
+            }
         }
         self.count_retained();
     }
@@ -196,17 +210,93 @@ impl<'m> Scheduler<'m> {
         self.stats.retained_tokens.store(retained, Ordering::Relaxed);
     }
 
+    /// The slot of the sequence callers know as `id`.
+    fn route(&self, id: i32) -> Option<i32> {
+        let slot = (*self.routes.get(usize::try_from(id).ok()?)?)?;
+        Some(slot as i32)
+    }
+
+    /// Forget `id` (its sequence is closing); its slot.
+    fn unroute(&mut self, id: i32) -> Option<i32> {
+        let slot = self.routes.get_mut(usize::try_from(id).ok()?)?.take()?;
+        Some(slot as i32)
+    }
+
     fn open(&mut self) -> Result<i32, EngineError> {
         // Admission control keeps open sequences within the slots (and an open whose caller
         // is gone frees its slot at once), so one is free or retained.
-        let slot = slots::choose(&self.slots).ok_or_else(|| EngineError::KvCacheFull { model: self.name.clone() })?;
+        let full = || EngineError::KvCacheFull { model: self.name.clone() };
+        let slot = slots::choose(&self.slots).ok_or_else(full)?;
+        let id = self.routes.iter().position(Option::is_none).ok_or_else(full)?;
         self.opens += 1;
         let retained = match std::mem::replace(&mut self.slots[slot], Slot::Free) {
             Slot::Retained(r) => Some(r),
             _ => None,
         };
-        self.slots[slot] = Slot::Live(Live::new(self.opens, retained));
-        Ok(slot as i32)
+        self.slots[slot] = Slot::Live(Live::new(id, self.opens, retained));
+        self.routes[id] = Some(slot);
+        Ok(id as i32)
+    }
+
+    /// Move fresh sequence `seq` to the closed sequence's slot whose cells hold the longest
+    /// prefix of its prompt, where it continues from them with no copy (the slot it opened
+    /// in keeps what it retained): a returning conversation goes back to its own cells. Not
+    /// when little of those cells would be used, or when the move splits the live slots into
+    /// more runs (llama.cpp would split the step). Returns its slot.
+    fn move_to_prefix(&mut self, seq: i32) -> i32 {
+        let from = seq as usize;
+        let Some(live) = self.live(seq) else { return seq };
+        if !live.history.is_empty() || live.pending.len() < 2 {
+            return seq;
+        }
+        let prompt = &live.pending;
+        let cap = prompt.len() - 1;
+        let own = live.retained.as_ref().map_or(0, |r| common_prefix(&r.tokens, prompt).min(cap));
+        let best = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Retained(r) => Some((i, common_prefix(&r.tokens, prompt).min(cap), r.tokens.len())),
+                _ => None,
+            })
+            .max_by_key(|&(_, n, _)| n);
+        let Some((to, n, held)) = best else { return seq };
+        // Moving drops the cells past the prefix: when they are worth keeping, a copy of
+        // the prefix (the slot stays as it is) beats pushing them out to host memory.
+        if n < self.min_shared_prefix
+            || held - n >= self.cache.min_tokens()
+            || n <= own
+            || !window_allows(n, self.ctx.kv_cache_seq_pos_min(to as i32), self.n_swa)
+            || slots::live_runs(&self.slots, Some((from, to))) > slots::live_runs(&self.slots, None)
+        {
+            return seq;
+        }
+        // Both kinds were checked above; a mismatch puts everything back.
+        let theirs = match std::mem::replace(&mut self.slots[to], Slot::Free) {
+            Slot::Retained(r) => r,
+            other => {
+                self.slots[to] = other;
+                return seq;
+            }
+        };
+        let mut live = match std::mem::replace(&mut self.slots[from], Slot::Free) {
+            Slot::Live(l) => l,
+            other => {
+                self.slots[from] = other;
+                self.slots[to] = Slot::Retained(theirs);
+                return seq;
+            }
+        };
+        if let Some(mine) = live.retained.replace(theirs) {
+            self.slots[from] = Slot::Retained(mine);
+        }
+        self.routes[live.id] = Some(to);
+        self.slots[to] = Slot::Live(live);
+        for s in self.queue.iter_mut().filter(|s| **s == seq) {
+            *s = to as i32;
+        }
+        to as i32
     }
 
     /// Undo an open nobody will use: the slot's retained cells are untouched, so it goes
@@ -553,10 +643,12 @@ impl<'m> Scheduler<'m> {
             if live.decoding {
                 continue;
             }
+            let mut seq = seq;
             if live.fresh {
                 if self.waits_for_leader(seq, &leaders) {
                     continue;
                 }
+                seq = self.move_to_prefix(seq);
                 self.reuse_prefix(seq);
             }
             let Some(live) = self.live(seq) else { continue };

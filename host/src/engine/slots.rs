@@ -32,13 +32,15 @@ pub(crate) struct Live {
     pub(crate) decoding: bool,
     /// Open order: the newest sequence is the one preempted.
     pub(crate) opened: u64,
+    /// The id its caller knows it by (the slot may change before its first prompt).
+    pub(crate) id: usize,
     /// What the slot's previous sequence left in the cells, until this sequence's first
     /// prompt decides whether to continue from it, keep it elsewhere or drop it.
     pub(crate) retained: Option<Retained>,
 }
 
 impl Live {
-    pub(crate) fn new(opened: u64, retained: Option<Retained>) -> Self {
+    pub(crate) fn new(id: usize, opened: u64, retained: Option<Retained>) -> Self {
         Self {
             history: Vec::new(),
             pending: Vec::new(),
@@ -48,6 +50,7 @@ impl Live {
             feed_start: 0,
             decoding: false,
             opened,
+            id,
             retained,
         }
     }
@@ -114,6 +117,16 @@ impl Slot {
     }
 }
 
+/// Runs of consecutive live slots, with the sequence in slot `from` moved to `to` if given.
+pub(crate) fn live_runs(slots: &[Slot], moved: Option<(usize, usize)>) -> usize {
+    let live = |i: usize| match moved {
+        Some((_, to)) if i == to => true,
+        Some((from, _)) if i == from => false,
+        _ => matches!(slots.get(i), Some(Slot::Live(_))),
+    };
+    (0..slots.len()).filter(|&i| live(i) && (i == 0 || !live(i - 1))).count()
+}
+
 /// The slot a new sequence opens in, or `None` when every slot is live.
 ///
 /// llama.cpp runs a step as one ubatch only over consecutive sequence ids, so the slot
@@ -138,7 +151,7 @@ mod tests {
     use super::*;
 
     fn live() -> Slot {
-        Slot::Live(Live::new(0, None))
+        Slot::Live(Live::new(0, 0, None))
     }
 
     fn retained(closed: u64) -> Slot {
@@ -159,5 +172,15 @@ mod tests {
         // Otherwise the live run grows at one of its ends.
         assert_eq!(choose(&[Slot::Free, Slot::Free, live(), retained(3), Slot::Free]), Some(1));
         assert_eq!(choose(&[retained(1), Slot::Free, Slot::Free, live(), retained(3)]), Some(2));
+    }
+
+    #[test]
+    fn runs_of_live_slots_count_a_move() {
+        let slots = [live(), Slot::Free, live(), retained(1), Slot::Free];
+        assert_eq!(live_runs(&slots, None), 2);
+        assert_eq!(live_runs(&slots, Some((2, 1))), 1);
+        assert_eq!(live_runs(&slots, Some((2, 3))), 2);
+        assert_eq!(live_runs(&slots, Some((0, 4))), 2);
+        assert_eq!(live_runs(&[Slot::Free, live()], Some((1, 0))), 1);
     }
 }
