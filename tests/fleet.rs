@@ -141,7 +141,8 @@ async fn nginx_balances_two_nodes_and_survives_one_dying() {
 }
 
 /// The soak: `n` streaming requests at concurrency 64 through the openai plugin on the tiny
-/// model. Reports resident memory at request 2,000 (or a third of a shorter soak) and at the end.
+/// model. Reports resident memory from request 2,000 (or a third of a shorter soak) and at
+/// the end, each the median of five readings.
 async fn soak(n: usize) -> (Vec<Outcome>, u64, u64, Node) {
     let node = spawn_node(&format!("soak-{n}"), 64, "");
     node.wait_ready().await;
@@ -165,23 +166,37 @@ async fn soak(n: usize) -> (Vec<Outcome>, u64, u64, Node) {
     while done.load(Ordering::Relaxed) < checkpoint {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let rss_early = node.rss_kib();
-    if std::env::var_os("FLYWHEEL_SOAK_TRACE").is_some() {
-        let mut mark = checkpoint;
-        while mark < n {
-            mark += n / 20;
-            while done.load(Ordering::Relaxed) < mark.min(n) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            println!("soak: {} requests, RSS {} KiB", done.load(Ordering::Relaxed), node.rss_kib());
+    // Readings every 1/40th of the run from the checkpoint on; one reading moves by a few
+    // percent with whatever the allocator holds at that instant, so the baseline and the
+    // end are each the median of five.
+    let trace = std::env::var_os("FLYWHEEL_SOAK_TRACE").is_some();
+    let mut readings = vec![node.rss_kib()];
+    let mut mark = checkpoint;
+    while mark < n {
+        mark = (mark + (n / 40).max(1)).min(n);
+        while done.load(Ordering::Relaxed) < mark {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        readings.push(node.rss_kib());
+        if trace {
+            println!("soak: {} requests, RSS {} KiB", done.load(Ordering::Relaxed), readings[readings.len() - 1]);
         }
     }
     let mut outcomes = Vec::new();
     for w in workers {
         outcomes.extend(w.await.unwrap());
     }
-    let rss_late = node.rss_kib();
+    readings.push(node.rss_kib());
+    let five = readings.len().min(5);
+    let rss_early = median(&readings[..five]);
+    let rss_late = median(&readings[readings.len() - five..]);
     (outcomes, rss_early, rss_late, node)
+}
+
+fn median(readings: &[u64]) -> u64 {
+    let mut sorted = readings.to_vec();
+    sorted.sort_unstable();
+    sorted[sorted.len() / 2]
 }
 
 /// Where the memory baseline is taken: request 2,000, or a third of a shorter soak (after
@@ -196,7 +211,7 @@ async fn check_soak(n: usize) {
     let errors: Vec<_> = outcomes.iter().filter(|o| **o != Outcome::Completed).collect();
     let growth = (late as f64 - early as f64) / early as f64 * 100.0;
     println!(
-        "soak: {} requests at concurrency 64 in {:.1} s, {} errors, RSS {} KiB at request {} -> {} KiB at the end ({growth:+.2}%)",
+        "soak: {} requests at concurrency 64 in {:.1} s, {} errors, RSS {} KiB from request {} -> {} KiB at the end, medians of five readings ({growth:+.2}%)",
         outcomes.len(),
         started.elapsed().as_secs_f64(),
         errors.len(),
