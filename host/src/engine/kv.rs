@@ -15,7 +15,7 @@ use std::num::NonZeroU32;
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::LlamaStateSeqFlags;
+use llama_cpp_2::{LlamaStateSeqFlags, SeqState};
 
 use super::manifest::{FlashAttention, KvCacheKind};
 use super::ModelManifest;
@@ -42,11 +42,18 @@ impl Layout {
             Layout::Pool => ctx.copy_kv_cache_seq(src, dst, None, Some(n)).map_err(|e| e.to_string()),
             Layout::Streams => {
                 let state = ctx.state_seq_get(src, LlamaStateSeqFlags::empty()).map_err(|e| e.to_string())?;
-                ctx.state_seq_set(&state, dst).map_err(|e| e.to_string())?;
-                ctx.clear_kv_cache_seq(Some(dst as u32), Some(n), None).map(|_| ()).map_err(|e| e.to_string())
+                load_prefix(ctx, &state, dst, n as usize)
             }
         }
     }
+}
+
+/// Load `state` into `seq`'s cells (llama.cpp clears them first) and keep its first `n`
+/// tokens: how a prefix from another stream or from host memory is taken over.
+pub(crate) fn load_prefix(ctx: &mut LlamaContext<'_>, state: &SeqState, seq: i32, n: usize) -> Result<(), String> {
+    let n = u32::try_from(n).map_err(|e| e.to_string())?;
+    ctx.state_seq_set(state, seq).map_err(|e| e.to_string())?;
+    ctx.clear_kv_cache_seq(Some(seq as u32), Some(n), None).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Context settings shared by the scheduler and the native baseline of `bench engine`.

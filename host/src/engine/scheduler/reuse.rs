@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use llama_cpp_2::LlamaStateSeqFlags;
 
+use super::super::kv::load_prefix;
 use super::super::prefix_cache::{common_prefix, window_allows};
 use super::super::slots::{self, Retained, Slot};
 use super::Scheduler;
@@ -160,13 +161,12 @@ impl Scheduler<'_> {
         let elsewhere = from_slots.map_or(0, |(_, n)| n).max(from_cache.map_or(0, |(_, n)| n));
         let from_retained = from_slots.filter(|&(src, _)| self.slots[src as usize].retained_mut().is_some());
         let from_slots_wins = from_slots.is_some_and(|(_, n)| from_cache.is_none_or(|(_, c)| n >= c));
-        let reused = match retained {
-            Some(r) if own > 0 && own >= elsewhere => self.continue_retained(seq, r, own),
-            Some(r) if from_slots_wins && from_retained.is_some() && r.tokens.len() >= self.cache.min_tokens() => {
-                let (src, n) = from_retained.unwrap_or_default();
+        let reused = match (retained, from_retained) {
+            (Some(r), _) if own > 0 && own >= elsewhere => self.continue_retained(seq, r, own),
+            (Some(r), Some((src, n))) if from_slots_wins && r.tokens.len() >= self.cache.min_tokens() => {
                 self.swap_retained(seq, r, src, n)
             }
-            retained => {
+            (retained, _) => {
                 // Keeping the evicted cells may reorder the host cache: look it up again.
                 let from_cache = if retained.is_some() {
                     self.evict(seq, retained);
@@ -229,10 +229,7 @@ impl Scheduler<'_> {
                 self.slots[src as usize].drop_retained();
             }
         }
-        let restored = self.ctx.state_seq_set(&theirs, seq).map_err(|e| e.to_string()).and_then(|()| {
-            self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(n as u32), None).map(|_| ()).map_err(|e| e.to_string())
-        });
-        match restored {
+        match load_prefix(&mut self.ctx, &theirs, seq, n) {
             Ok(()) => n,
             Err(e) => {
                 tracing::warn!(model = %self.name, seq, error = %e, "exchanged cells not restored; computing them");
@@ -272,10 +269,7 @@ impl Scheduler<'_> {
     /// Load cached entry `i` into `seq` and keep its first `n` tokens.
     fn restore_cached(&mut self, i: usize, seq: i32, n: usize) -> usize {
         let Some(state) = self.cache.take_use(i) else { return 0 };
-        let restored = self.ctx.state_seq_set(state, seq).map_err(|e| e.to_string()).and_then(|()| {
-            self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(n as u32), None).map(|_| ()).map_err(|e| e.to_string())
-        });
-        match restored {
+        match load_prefix(&mut self.ctx, state, seq, n) {
             Ok(()) => n,
             Err(e) => {
                 // In a shared pool this is also how a full cache shows: compute instead.
