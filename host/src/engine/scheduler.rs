@@ -459,18 +459,24 @@ impl<'m> Scheduler<'m> {
     }
 
     /// The cells ran out for a planned step. Prompts wait first (new work never pushes out
-    /// old); when decodes alone do not fit, or prompts wait with nothing else to run, the
-    /// newest sequence holding cells is preempted. False when nothing can be done.
+    /// old), and of prompts alone only the oldest stays in the plan. When that does not fit
+    /// either, the newest other sequence holding cells is preempted. Nothing held comes back
+    /// in this step, so each call holds prompts or takes one more sequence's cells, and the
+    /// retries end. False when nothing can be done.
     fn make_room(&mut self, planned: &[Planned]) -> bool {
         let prompts: Vec<i32> = planned.iter().filter(|p| p.prefill).map(|p| p.seq).collect();
-        if !prompts.is_empty() {
+        if !prompts.is_empty() && planned.iter().any(|p| !p.prefill) {
             self.held.extend(&prompts);
-            if planned.iter().any(|p| !p.prefill) {
-                return true;
-            }
+            return true;
         }
-        // The oldest waiting prompt must not preempt itself.
+        // Letting held prompts back in would restore their cached prefixes into the cells
+        // just freed, and two prompts could take turns preempting each other.
         let keep = prompts.iter().filter_map(|&s| self.live(s).map(|l| (l.opened, s))).min().map(|(_, s)| s);
+        let others: Vec<i32> = prompts.iter().copied().filter(|&s| Some(s) != keep).collect();
+        if !others.is_empty() {
+            self.held.extend(&others);
+            return true;
+        }
         let victim = self
             .lives()
             .filter(|&(s, l)| !l.history.is_empty() && Some(s) != keep)
@@ -479,8 +485,7 @@ impl<'m> Scheduler<'m> {
         match victim {
             Some(v) => {
                 self.preempt(v);
-                // Waiting prompts may fit now; the victim itself resumes in a later step.
-                self.held.clear();
+                // It resumes in a later step.
                 self.held.push(v);
                 true
             }
