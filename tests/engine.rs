@@ -698,6 +698,46 @@ async fn kv_cache_type_flash_attention_and_devices_from_the_manifest() {
     assert!(cpu.memory_total_bytes > 0 && cpu.memory_free_bytes <= cpu.memory_total_bytes, "{cpu:?}");
 }
 
+/// `kv_memory_fraction` sizes the sequences to the memory free once the weights are in:
+/// the count follows the share given (within a node whose free memory moves by less than
+/// a fifth during the test), the manifest's `max_sequences` caps it, a share too small for
+/// one sequence is refused at load saying what one needs, and bad shares are refused at
+/// validation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_memory_fraction_sizes_the_sequences_to_free_memory() {
+    let mut capped = tiny_manifest("tiny-fit-capped");
+    capped.max_sequences = 3;
+    capped.kv_memory_fraction = Some(1.0);
+    let model = load(capped);
+    assert_eq!(model.info().max_sequences, 3, "plenty of memory: the cap");
+    let per_sequence = model.info().kv_bytes_per_sequence;
+    assert!(per_sequence > 0);
+    let held: Vec<_> = [model.open_now().await, model.open_now().await, model.open_now().await].into_iter().collect();
+    assert!(held.iter().all(Result::is_ok));
+    assert!(model.open_now().await.is_err(), "a fourth sequence must not open");
+
+    let free = flywheel::engine::devices().iter().filter(|d| d.kind == "cpu").map(|d| d.memory_free_bytes).sum::<u64>();
+    let mut two = tiny_manifest("tiny-fit-two");
+    two.kv_memory_fraction = Some(2.5 * per_sequence as f64 / free as f64);
+    let model = load(two);
+    assert_eq!(model.info().max_sequences, 2, "2.5 sequences' worth of memory opens 2");
+
+    let mut none = tiny_manifest("tiny-fit-none");
+    none.kv_memory_fraction = Some(0.5 * per_sequence as f64 / free as f64);
+    let e = Engine::load(vec![none], Arc::new(NoObserver)).err().expect("not one sequence fits").to_string();
+    assert!(e.contains("one sequence of 256 tokens needs") && e.contains("kv_memory_fraction"), "{e}");
+
+    for bad in [0.0, 1.5, f64::NAN] {
+        let mut m = tiny_manifest("tiny-fit-bad");
+        m.kv_memory_fraction = Some(bad);
+        assert!(m.validate().unwrap_err().contains("kv_memory_fraction"), "{bad}");
+    }
+    let mut both = tiny_manifest("tiny-fit-both");
+    both.kv_memory_fraction = Some(0.5);
+    both.kv_cells = Some(both.context_length);
+    assert!(both.validate().unwrap_err().contains("not both"));
+}
+
 /// `flywheel models synth` writes these for machines real weights cannot reach: every
 /// weight type loads, padded vocabularies keep their size, and the same seed gives the same
 /// greedy text (f16 and q8_0 round the f32 weights, so their text may differ from f32's).

@@ -51,6 +51,13 @@ pub struct ModelManifest {
     /// Sequences that may be open at once; further opens queue.
     #[serde(default = "defaults::max_sequences")]
     pub max_sequences: usize,
+    /// Share (above 0, at most 1) of the memory free on the devices holding the KV cache,
+    /// measured once the weights are loaded, that the cache may take: the GPUs for
+    /// offloaded layers, host memory for the rest. Set, `max_sequences` becomes a cap and
+    /// the model opens as many sequences of `context_length` as fit; a load where not one
+    /// fits fails saying what one needs. Leave room for llama.cpp's compute buffers.
+    #[serde(default)]
+    pub kv_memory_fraction: Option<f64>,
     /// Tokens per llama.cpp batch.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
@@ -221,6 +228,7 @@ impl ModelManifest {
             kv_cache_type: KvCacheKind::default(),
             flash_attention: FlashAttention::default(),
             max_sequences: defaults::max_sequences(),
+            kv_memory_fraction: None,
             batch_size: defaults::batch_size(),
             kv_cells: None,
             chat_template: None,
@@ -256,6 +264,14 @@ impl ModelManifest {
         for (key, v) in positive {
             if v == 0 {
                 return Err(format!("{key} must be at least 1"));
+            }
+        }
+        if let Some(f) = self.kv_memory_fraction {
+            if f.is_nan() || f <= 0.0 || f > 1.0 {
+                return Err(format!("kv_memory_fraction ({f}) must be above 0 and at most 1"));
+            }
+            if self.kv_cells.is_some() {
+                return Err("kv_cells sizes the KV cache itself: set it or kv_memory_fraction, not both".into());
             }
         }
         if self.threads < 1 {

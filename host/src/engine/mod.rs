@@ -10,6 +10,7 @@ mod decode_thread;
 mod devices;
 mod embedder;
 mod error;
+mod fit;
 mod kv;
 mod lifecycle;
 mod manifest;
@@ -284,7 +285,7 @@ impl Inner {
                     model = %handle.name(),
                     vocab = model.info().vocab_size,
                     context_length = handle.manifest.context_length,
-                    max_sequences = handle.manifest.max_sequences,
+                    max_sequences = model.info().max_sequences,
                     ms = took.as_millis() as u64,
                     weights_ms = weights.as_millis() as u64,
                     context_ms = took.saturating_sub(weights).as_millis() as u64,

@@ -33,7 +33,10 @@ pub struct ModelInfo {
     pub end_of_generation: Vec<i32>,
     pub adds_bos: bool,
     pub chat_template: Option<String>,
+    /// Sequences open at once: the manifest's, or what fits with `kv_memory_fraction`.
     pub max_sequences: usize,
+    /// KV cache bytes one sequence of `context_length` tokens takes.
+    pub kv_bytes_per_sequence: u64,
     /// Bytes of the weights (wherever they are placed).
     pub weights_bytes: u64,
     /// Transformer layers; `n_gpu_layers` of them are offloaded (at most this many).
@@ -208,6 +211,7 @@ impl Model {
             path: path.clone(),
             message: format!("{e} (the file is not a model llama.cpp can read; see the log above)"),
         })?;
+        let manifest = super::fit::fit_sequences(manifest, &llama)?;
         let llama = Arc::new(llama);
         let tokenizer = Tokenizer::load(&manifest.name, manifest.tokenizer.as_deref())?;
         let n_vocab = usize::try_from(llama.n_vocab()).unwrap_or(0);
@@ -475,6 +479,7 @@ fn model_info(manifest: &ModelManifest, llama: &LlamaModel, n_vocab: usize) -> M
         adds_bos: vocab.should_add_bos(),
         chat_template,
         max_sequences: manifest.max_sequences,
+        kv_bytes_per_sequence: super::fit::sequence_kv_bytes(llama, manifest),
         weights_bytes: llama.size(),
         layers: llama.n_layer(),
     }

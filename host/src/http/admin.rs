@@ -121,7 +121,10 @@ fn model_json(m: &ModelHandle, status: ModelStatus) -> serde_json::Value {
         "kv_cache_type": manifest.kv_cache_type.as_str(),
         "flash_attention": format!("{:?}", manifest.flash_attention).to_lowercase(),
         "context_length": manifest.context_length,
-        "max_sequences": manifest.max_sequences,
+        // What the loaded model opens: `kv_memory_fraction` may size it below the manifest's cap.
+        "max_sequences": status.info.as_ref().map_or(manifest.max_sequences, |i| i.max_sequences),
+        "kv_memory_fraction": manifest.kv_memory_fraction,
+        "kv_bytes_per_sequence": status.info.as_ref().map(|i| i.kv_bytes_per_sequence),
                 "active_sequences": s.active_sequences.load(Ordering::Relaxed),
                 "waiting_opens": s.waiting_opens.load(Ordering::Relaxed),
                 "kv_tokens": s.kv_tokens.load(Ordering::Relaxed),

@@ -1,0 +1,119 @@
+//! Sequences sized to the memory a node has (`kv_memory_fraction`): the KV cache of one
+//! sequence is known from the model's shape once its weights are loaded, and the devices
+//! that will hold it report what is free. `max_sequences` is then a cap.
+
+use llama_cpp_2::model::LlamaModel;
+
+use super::devices::{devices, DeviceInfo};
+use super::{EngineError, KvCacheKind, ModelManifest};
+
+/// KV bytes one sequence of `context_length` tokens takes, or the bytes free, on the GPUs
+/// the model offloads to and on the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Split {
+    pub gpu: u64,
+    pub cpu: u64,
+}
+
+/// The most sequences whose KV cache fits `fraction` of `free` on both sides, at most `cap`;
+/// 0 when not even one does.
+pub(crate) fn sequences_that_fit(need: Split, free: Split, fraction: f64, cap: usize) -> usize {
+    let side = |need: u64, free: u64| {
+        if need == 0 {
+            return usize::MAX;
+        }
+        let usable = (free as f64 * fraction).floor() as u64;
+        usize::try_from(usable / need).unwrap_or(usize::MAX)
+    };
+    side(need.gpu, free.gpu).min(side(need.cpu, free.cpu)).min(cap)
+}
+
+/// `manifest` with `max_sequences` lowered to what fits, when it sets `kv_memory_fraction`;
+/// a clear error when not one sequence fits.
+pub(crate) fn fit_sequences(mut manifest: ModelManifest, llama: &LlamaModel) -> Result<ModelManifest, EngineError> {
+    let Some(fraction) = manifest.kv_memory_fraction else { return Ok(manifest) };
+    let all = devices();
+    let gpus: Vec<&DeviceInfo> = all
+        .iter()
+        .filter(|d| matches!(d.kind, "gpu" | "igpu"))
+        .filter(|d| manifest.devices.is_empty() || manifest.devices.iter().any(|n| n.eq_ignore_ascii_case(&d.name)))
+        .collect();
+    let layers = u64::from(llama.n_layer());
+    // llama.cpp keeps an offloaded layer's KV cells on its GPU, the others' in host memory.
+    let offloaded = if gpus.is_empty() { 0 } else { u64::from(manifest.n_gpu_layers).min(layers) };
+    let per_layer = layer_bytes(llama, &manifest);
+    let need = Split { gpu: per_layer * offloaded, cpu: per_layer * (layers - offloaded) };
+    let free = Split {
+        gpu: gpus.iter().map(|d| d.memory_free_bytes).sum(),
+        cpu: all.iter().filter(|d| d.kind == "cpu").map(|d| d.memory_free_bytes).sum(),
+    };
+    let fits = sequences_that_fit(need, free, fraction, manifest.max_sequences);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    if fits == 0 {
+        let side = |need: u64, free: u64, place: &str| {
+            (need > 0).then(|| format!("{:.2} MiB of the {:.0} MiB free on {place}", mib(need), mib(free)))
+        };
+        let sides: Vec<String> =
+            [side(need.gpu, free.gpu, "the GPUs"), side(need.cpu, free.cpu, "the CPU")].into_iter().flatten().collect();
+        return Err(EngineError::ContextCreate {
+            model: manifest.name.clone(),
+            message: format!(
+                "one sequence of {} tokens needs {} for its KV cache, and kv_memory_fraction = {fraction} allows \
+                 less: lower context_length, use kv_cache_type = \"q8_0\", or raise kv_memory_fraction",
+                manifest.context_length,
+                sides.join(" and ")
+            ),
+        });
+    }
+    tracing::info!(
+        model = %manifest.name,
+        max_sequences = fits,
+        cap = manifest.max_sequences,
+        sequence_kv_mib = mib(need.gpu + need.cpu),
+        gpu_free_mib = mib(free.gpu) as u64,
+        cpu_free_mib = mib(free.cpu) as u64,
+        "sequences sized to free memory"
+    );
+    manifest.max_sequences = fits;
+    Ok(manifest)
+}
+
+/// KV cache bytes of one sequence of `context_length` tokens, wherever its layers are.
+/// Sliding-window layers (Gemma 3) keep only their window; counting them in full errs on
+/// the side of fewer sequences.
+pub(crate) fn sequence_kv_bytes(llama: &LlamaModel, manifest: &ModelManifest) -> u64 {
+    layer_bytes(llama, manifest) * u64::from(llama.n_layer())
+}
+
+/// KV bytes of one layer for `context_length` tokens: keys and values of every KV head.
+fn layer_bytes(llama: &LlamaModel, manifest: &ModelManifest) -> u64 {
+    let arch = llama.meta_val_str("general.architecture").unwrap_or_default();
+    let meta = |key: &str| llama.meta_val_str(&format!("{arch}.attention.{key}")).ok()?.parse::<u64>().ok();
+    let heads = u64::from(llama.n_head().max(1));
+    let key = meta("key_length").unwrap_or(u64::try_from(llama.n_embd()).unwrap_or(0) / heads);
+    let value = meta("value_length").unwrap_or(key);
+    let elements = manifest.context_length as u64 * u64::from(llama.n_head_kv()) * (key + value);
+    match manifest.kv_cache_type {
+        KvCacheKind::F16 => elements * 2,
+        // Blocks of 32 values: 32 bytes and a 2-byte scale.
+        KvCacheKind::Q8_0 => elements.div_ceil(32) * 34,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn the_tighter_side_and_the_cap_bound_the_count() {
+        let need = Split { gpu: 100 * MIB, cpu: 0 };
+        let free = Split { gpu: 1000 * MIB, cpu: 10 * MIB };
+        assert_eq!(sequences_that_fit(need, free, 0.9, 64), 9, "900 MiB of GPU memory for 100 MiB each");
+        assert_eq!(sequences_that_fit(need, free, 0.9, 4), 4, "max_sequences caps it");
+        let partial = Split { gpu: 75 * MIB, cpu: 25 * MIB };
+        assert_eq!(sequences_that_fit(partial, Split { gpu: 1000 * MIB, cpu: 100 * MIB }, 1.0, 64), 4);
+        assert_eq!(sequences_that_fit(need, free, 0.05, 64), 0, "50 MiB holds no 100 MiB sequence");
+    }
+}
