@@ -100,8 +100,12 @@ load() {
     long) args=(--workload distinct --prompt-tokens 1500); jobs=$((c == 1 ? 2 : 1)) ;;
     chat) jobs=1 ;;
   esac
-  # The same prompts for both servers in a round, fresh ones every round.
-  local seed=$((round * 1000 + c * 10))
+  # The same prompts for both servers in a round, fresh ones every round, and none shared
+  # between workloads: with one seed, a long prompt began with the shared workload's
+  # 364-token prompt, so a server that still held it computed less of the "long" prompt.
+  local kind
+  case "$workload" in distinct) kind=1 ;; shared) kind=2 ;; chat) kind=3 ;; *) kind=4 ;; esac
+  local seed=$((round * 1000 + c * 10 + kind))
   "$flywheel" bench http --url "http://127.0.0.1:$port" --model "$model" --vocab "$(vocab_of "$model")" \
     --concurrency "$c" --rounds "$jobs" --seed "$seed" --json "${args[@]}" |
     python3 -c '
