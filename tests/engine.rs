@@ -610,6 +610,59 @@ async fn feeds_submitted_together_compute_their_common_prompt_once() {
     assert_eq!(seqs[0].len(), p.len() + 1);
 }
 
+/// Records how many prompts each step computed.
+#[derive(Default)]
+struct PromptsPerStep(std::sync::Mutex<Vec<usize>>);
+impl StepObserver for PromptsPerStep {
+    fn on_step(&self, _: &str, step: &StepInfo) {
+        if let Ok(mut steps) = self.0.lock() {
+            steps.push(step.sequences - step.decode_tokens);
+        }
+    }
+}
+
+/// Short prompts queued behind a long one: with a small `prompt_step_tokens` each step
+/// takes whole prompts only until it holds that many tokens, so their answers come out a
+/// couple at a time; with it at `batch_size` the steps are packed full, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_prompts_is_answered_a_few_per_step() {
+    for step_tokens in [32, 64] {
+        let observer = Arc::new(PromptsPerStep::default());
+        let mut m = tiny_manifest("tiny-burst");
+        m.batch_size = 64;
+        m.prompt_step_tokens = step_tokens;
+        // The test prompts all begin "Prompt N": no sharing, so each computes in full.
+        m.min_shared_prefix = 64;
+        let engine = Engine::load(vec![m], observer.clone()).unwrap();
+        let model = engine.model("tiny-burst").unwrap().loaded().unwrap();
+        let long = prompt(&model, 1, 200);
+        let shorts: Vec<Vec<i32>> = (0..7).map(|i| prompt(&model, 10 + i, 24)).collect();
+        let mut seqs = Vec::new();
+        for _ in 0..8 {
+            seqs.push(model.open().await.unwrap());
+        }
+        // The long prompt takes four steps (64, 64, 64, 8 tokens); the short ones queue
+        // behind it meanwhile.
+        let (first, rest) = seqs.split_at_mut(1);
+        let long_feed = first[0].submit(&long, Want::top(1)).unwrap();
+        let feeds: Vec<_> = rest.iter_mut().zip(&shorts).map(|(s, p)| s.submit(p, Want::top(1)).unwrap()).collect();
+        first[0].complete(long_feed).await.unwrap();
+        for (seq, feed) in rest.iter_mut().zip(feeds) {
+            seq.complete(feed).await.unwrap();
+        }
+        let steps = observer.0.lock().unwrap().clone();
+        let most = steps.iter().copied().max().unwrap_or(0);
+        if step_tokens == 32 {
+            // 8 + 24 tokens, or 24 + 24: never a third prompt in a step.
+            assert!(most <= 2, "a step computed {most} prompts: {steps:?}");
+            assert!(steps.len() >= 7, "8 prompts in {} steps: {steps:?}", steps.len());
+        } else {
+            // 8 + 24 + 24 + 8: the step that finished the long prompt started three more.
+            assert!(most >= 3, "steps were not packed: {steps:?}");
+        }
+    }
+}
+
 fn distance(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }

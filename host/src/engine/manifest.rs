@@ -94,6 +94,14 @@ pub struct ModelManifest {
     /// Longest wait, after a step, for sequences about to submit their next token.
     #[serde(default = "defaults::max_batch_wait_us")]
     pub max_batch_wait_us: u64,
+    /// Once a step holds a whole prompt and at least this many tokens, the prompts after
+    /// it wait for the next step. A burst of prompts then gets its first tokens out a few
+    /// at a time rather than all at the end of the burst; a lone long prompt still fills
+    /// `batch_size`. `batch_size` or more packs every step full; 0 takes one whole prompt
+    /// per step. Smaller values lower the median time to first token of a burst and delay
+    /// its last prompt, which costs throughput (README, "Against llama-server").
+    #[serde(default = "defaults::prompt_step_tokens")]
+    pub prompt_step_tokens: usize,
     /// How an embedding pools the hidden states of its input.
     #[serde(default)]
     pub embedding_pooling: Pooling,
@@ -194,6 +202,9 @@ mod defaults {
     pub fn max_batch_wait_us() -> u64 {
         5_000
     }
+    pub fn prompt_step_tokens() -> usize {
+        256
+    }
     pub fn embedding_max_inputs() -> usize {
         16
     }
@@ -239,6 +250,7 @@ impl ModelManifest {
             prefix_cache_min_tokens: defaults::prefix_cache_min_tokens(),
             min_shared_prefix: defaults::min_shared_prefix(),
             max_batch_wait_us: defaults::max_batch_wait_us(),
+            prompt_step_tokens: defaults::prompt_step_tokens(),
             embedding_pooling: Pooling::default(),
             embedding_batch: None,
             embedding_max_inputs: defaults::embedding_max_inputs(),

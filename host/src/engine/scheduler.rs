@@ -82,6 +82,8 @@ pub(crate) struct Scheduler<'m> {
     cache: PrefixCache,
     min_shared_prefix: usize,
     max_batch_wait: Duration,
+    /// A step stops taking prompts at the first that completes once it holds this many tokens.
+    prompt_step_tokens: usize,
     slots: Vec<Slot>,
     /// The slot of each id callers hold (`None`: not open). A fresh sequence may move to
     /// the slot holding its prompt's prefix, so ids and slots are not the same.
@@ -134,6 +136,7 @@ impl<'m> Scheduler<'m> {
             ),
             min_shared_prefix: m.min_shared_prefix.max(1),
             max_batch_wait: Duration::from_micros(m.max_batch_wait_us),
+            prompt_step_tokens: m.prompt_step_tokens,
             slots: (0..slots).map(|_| Slot::Free).collect(),
             routes: vec![None; slots],
             queue: VecDeque::new(),
@@ -350,7 +353,10 @@ impl<'m> Scheduler<'m> {
         })
     }
 
-    /// Plan one batch: decode tokens first, then prompt chunks in arrival order.
+    /// Plan one batch: decode tokens first, then prompt chunks in arrival order, up to the
+    /// first prompt that completes once the step holds `prompt_step_tokens`. Whole prompts
+    /// in small steps let a burst's first tokens out in turn: with equal prompts the median
+    /// one waits for about half the burst, not for most of it.
     fn plan(&mut self) -> Vec<Planned> {
         let order: Vec<i32> = self.queue.iter().copied().filter(|s| !self.held.contains(s)).collect();
         let mut planned = Vec::new();
@@ -385,8 +391,12 @@ impl<'m> Scheduler<'m> {
                 continue;
             }
             budget -= own;
-            planned.push(Planned { seq, own, completes: own == live.pending.len(), prefill: true });
+            let completes = own == live.pending.len();
+            planned.push(Planned { seq, own, completes, prefill: true });
             leaders.push(seq);
+            if completes && self.n_batch - budget >= self.prompt_step_tokens {
+                break;
+            }
         }
         // Sorted by sequence id, so llama.cpp can run the sequences side by side.
         planned.sort_by_key(|p| p.seq);
