@@ -2,8 +2,8 @@
 # Flywheel against llama.cpp's llama-server, side by side on this machine.
 #
 # Both serve the same GGUF with the same slots and per-sequence context (16 x 2048) and get
-# the same streaming OpenAI requests from `flywheel bench http`, alternating which server
-# goes first in each round. Workloads:
+# the same streaming OpenAI requests from `flywheel bench http`. Both run through a round
+# together and take each load in turn, alternating which goes first. Workloads:
 #   distinct  every request its own 64-token prompt, 128 generated
 #   shared    a 300-token system prompt common to the run, then a distinct 64-token question
 #   chat      conversations of 4 turns (16 at c=16), each turn resending the whole history
@@ -51,15 +51,16 @@ PY
 }
 vocab_of() { case "$1" in gemma3-270m) echo 262144 ;; *) echo 49152 ;; esac; }
 
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
+declare -A pids ports
+stop_servers() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  pids=()
 }
-trap stop_server EXIT
+trap stop_servers EXIT
 
 # start_server NAME MODEL PORT: starts it in the background and waits until it answers.
 start_server() {
@@ -82,7 +83,8 @@ EOF
     "$llama_bin/llama-server" -m "$(gguf_of "$model")" --alias "$model" --host 127.0.0.1 --port "$port" \
       -np "$SLOTS" -c $((SLOTS * CTX)) -t 2 -tb 2 -fa on --no-webui >"$log" 2>&1 &
   fi
-  server_pid=$!
+  local server_pid=$!
+  pids[$name]=$server_pid
   for _ in $(seq 1 600); do
     if curl -fs "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1; then return 0; fi
     if ! kill -0 "$server_pid" 2>/dev/null; then echo "$name exited; see $log" >&2; exit 1; fi
@@ -120,7 +122,7 @@ for line in sys.stdin:
 
 peak_rss_row() { # NAME MODEL ROUND
   local kib
-  kib=$(awk '/VmHWM/ {print $2}' "/proc/$server_pid/status")
+  kib=$(awk '/VmHWM/ {print $2}' "/proc/${pids[$1]}/status")
   echo "{\"bench\":\"rss\",\"server\":\"$1\",\"model\":\"$2\",\"round\":$3,\"peak_rss_kib\":$kib}" >>"$rows"
 }
 
@@ -131,20 +133,24 @@ for model in $MODELS; do
   for round in $(seq 1 "$rounds"); do
     order="flywheel llama-server"
     if [ $((round % 2)) -eq 0 ]; then order="llama-server flywheel"; fi
-    for name in $order; do
-      port=$(free_port)
-      echo "round $round: $name serving $model on port $port" >&2
-      start_server "$name" "$model" "$port"
-      for w in $workloads; do
-        cs=$concs
-        if [ "$w" = long ] && [ "$model" != gemma3-270m ]; then cs=$LONG_CONCURRENCY; fi
-        for c in $cs; do
-          load "$name" "$model" "$port" "$round" "$w" "$c"
+    # Both servers stay up for the round (an idle one takes no CPU) and take each load in
+    # turn, so a slow spell of this shared VM, which lasts minutes, falls on both.
+    for name in flywheel llama-server; do
+      ports[$name]=$(free_port)
+      echo "round $round: $name serving $model on port ${ports[$name]}" >&2
+      start_server "$name" "$model" "${ports[$name]}"
+    done
+    for w in $workloads; do
+      cs=$concs
+      if [ "$w" = long ] && [ "$model" != gemma3-270m ]; then cs=$LONG_CONCURRENCY; fi
+      for c in $cs; do
+        for name in $order; do
+          load "$name" "$model" "${ports[$name]}" "$round" "$w" "$c"
         done
       done
-      peak_rss_row "$name" "$model" "$round"
-      stop_server
     done
+    for name in flywheel llama-server; do peak_rss_row "$name" "$model" "$round"; done
+    stop_servers
     if [ "$model" = smollm2 ]; then
       # The ceiling and the native loop, same shape, no server running.
       "$llama_bin/llama-batched-bench" -m "$(gguf_of "$model")" -c 4096 -b 512 -ub 512 -npp 64 -ntg 128 -npl 16 \
