@@ -610,13 +610,13 @@ async fn feeds_submitted_together_compute_their_common_prompt_once() {
     assert_eq!(seqs[0].len(), p.len() + 1);
 }
 
-/// Records how many prompts each step computed.
+/// Records how many prompts each step computed, and their tokens.
 #[derive(Default)]
-struct PromptsPerStep(std::sync::Mutex<Vec<usize>>);
+struct PromptsPerStep(std::sync::Mutex<Vec<(usize, usize)>>);
 impl StepObserver for PromptsPerStep {
     fn on_step(&self, _: &str, step: &StepInfo) {
         if let Ok(mut steps) = self.0.lock() {
-            steps.push(step.sequences - step.decode_tokens);
+            steps.push((step.sequences - step.decode_tokens, step.prefill_tokens));
         }
     }
 }
@@ -650,8 +650,17 @@ async fn a_burst_of_prompts_is_answered_a_few_per_step() {
         for (seq, feed) in rest.iter_mut().zip(feeds) {
             seq.complete(feed).await.unwrap();
         }
-        let steps = observer.0.lock().unwrap().clone();
-        let most = steps.iter().copied().max().unwrap_or(0);
+        // A step answers its sequences before it reports itself: wait for the last report.
+        let total = long.len() + shorts.iter().map(Vec::len).sum::<usize>();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let steps = loop {
+            let steps = observer.0.lock().unwrap().clone();
+            if steps.iter().map(|s| s.1).sum::<usize>() >= total || std::time::Instant::now() > deadline {
+                break steps;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let most = steps.iter().map(|s| s.0).max().unwrap_or(0);
         if step_tokens == 32 {
             // 8 + 24 tokens, or 24 + 24: never a third prompt in a step.
             assert!(most <= 2, "a step computed {most} prompts: {steps:?}");
