@@ -710,7 +710,8 @@ async fn embeddings_are_unit_length_and_the_same_alone_or_in_a_batch() {
 }
 
 /// GPU and memory settings of a manifest, as far as a CPU node can check them: a q8_0 KV
-/// cache decodes, a quantized cache without flash attention is refused at validation, an
+/// cache decodes, a quantized cache without flash attention and a bad tensor_split are
+/// refused at validation, an
 /// unknown device is refused at load naming the devices this node has, and the devices
 /// are listed with their memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,6 +750,18 @@ async fn kv_cache_type_flash_attention_and_devices_from_the_manifest() {
     assert!(e.contains("flash attention"), "{e}");
     std::fs::write(&path, format!("name = \"m\"\nfile = \"{}\"\nsplit_mode = \"diagonal\"\n", file.display())).unwrap();
     assert!(ModelManifest::from_file(&path).unwrap_err().to_string().contains("split_mode"));
+    for (split, refusal) in [
+        ("tensor_split = [1, -1]", "0 or more"),
+        ("tensor_split = [1, nan]", "finite"),
+        ("tensor_split = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]", "at most 16"),
+        ("tensor_split = [3, 1]\nsplit_mode = \"none\"", "main_gpu"),
+    ] {
+        std::fs::write(&path, format!("name = \"m\"\nfile = \"{}\"\n{split}\n", file.display())).unwrap();
+        let e = ModelManifest::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("tensor_split") && e.contains(refusal), "{split}: {e}");
+    }
+    std::fs::write(&path, format!("name = \"m\"\nfile = \"{}\"\ntensor_split = [3, 1]\n", file.display())).unwrap();
+    assert_eq!(ModelManifest::from_file(&path).unwrap().tensor_split, [3.0, 1.0]);
 
     let mut elsewhere = tiny_manifest("tiny-elsewhere");
     elsewhere.devices = vec!["CUDA7".into()];

@@ -313,6 +313,42 @@ async fn requests_waiting_for_a_load_that_fails_share_its_error() {
     seq.feed(&[1, 2, 3], flywheel::engine::Want::top(1)).await.unwrap();
 }
 
+/// A batch whose compute buffers cannot be allocated is halved at load until they can, and
+/// the model serves; the admin API and `/metrics` show the batch it runs. Without flash
+/// attention the tiny model's buffers take about 16 bytes x context x batch, so a batch as
+/// long as a context sized to this node's memory asks for twice the memory it has. The same
+/// manifest's `tensor_split` (ignored on a node without GPUs) is accepted and shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_too_large_for_memory_is_halved_at_load_and_shown() {
+    let memory = flywheel::engine::devices().iter().find(|d| d.kind == "cpu").map_or(0, |d| d.memory_total_bytes);
+    let mut context = 1usize << 14;
+    while (16 * context * context) as u64 <= 2 * memory {
+        context *= 2;
+    }
+    let mut big = tiny_manifest("big-batch");
+    big.flash_attention = flywheel::engine::FlashAttention::Off;
+    big.max_sequences = 1;
+    big.context_length = context;
+    big.batch_size = context;
+    big.tensor_split = vec![3.0, 1.0];
+    let s = start(vec![big], &[plugin("openai", "openai", Some(OPENAI))], |c| {
+        c.auth.admin_key = Some("admin".into());
+        c.models.keep_alive = flywheel::engine::KeepAlive::Forever;
+    })
+    .await;
+    let r = s.post("/v1/completions", &completion("big-batch", "Once upon a time")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 8, "{}", r.text());
+
+    let m = model_state(&s, "big-batch").await;
+    let batch = m["batch_size"].as_u64().expect("batch_size") as usize;
+    assert!(batch < context && batch >= 32 && context.is_multiple_of(batch), "a halving of {context}: {m}");
+    assert_eq!(m["gpu"]["tensor_split"], serde_json::json!([3.0, 1.0]), "{m}");
+    let metrics = s.get("/metrics").await.text();
+    assert_eq!(metric(&metrics, "flywheel_model_batch_tokens", "model=\"big-batch\""), batch as f64, "{metrics}");
+    s.shutdown().await;
+}
+
 /// Polls every future to completion on this task (all of them start before any finishes).
 async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();

@@ -331,7 +331,7 @@ impl Collector for EngineGauges {
         let statuses: Vec<(ModelLabel, crate::engine::ModelStatus)> =
             engine.models().map(|m| (ModelLabel { model: m.name().to_string() }, m.status())).collect();
         type State = fn(&crate::engine::ModelStatus) -> i64;
-        let lifecycle: [(&str, &str, State); 4] = [
+        let lifecycle: [(&str, &str, State); 5] = [
             ("flywheel_model_loaded", "1 while the model is loaded, 0 while it is not (it loads on first use)", |s| {
                 i64::from(s.state == crate::engine::ModelState::Loaded)
             }),
@@ -350,6 +350,15 @@ impl Collector for EngineGauges {
                     (Some(info), crate::engine::ModelState::Loaded) => {
                         i64::try_from(info.weights_bytes).unwrap_or(i64::MAX)
                     }
+                    _ => 0,
+                },
+            ),
+            (
+                "flywheel_model_batch_tokens",
+                "Tokens per llama.cpp batch of the loaded model: the manifest's batch_size, or less where its \
+                 compute buffers did not fit in memory (0 while not loaded)",
+                |s| match (&s.info, s.state) {
+                    (Some(info), crate::engine::ModelState::Loaded) => info.batch_size as i64,
                     _ => 0,
                 },
             ),

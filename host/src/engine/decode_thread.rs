@@ -12,10 +12,12 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 
 use super::backend::{backend, CONTEXT_CREATION};
 use super::embedder::{EmbedJob, Embedder};
+use super::fit::smaller_batch;
 use super::kv::{context_params, sliding_window};
 use super::model::EngineStats;
 use super::scheduler::{Command, Scheduler};
@@ -23,7 +25,8 @@ use super::{EngineError, ModelManifest, StepObserver};
 
 pub(crate) enum Message {
     /// Create the context of a model whose weights are loaded, under a new id.
-    Load { id: u64, setup: Box<ModelSetup>, reply: Sender<Result<(), EngineError>> },
+    /// The reply is the batch size the context was created with.
+    Load { id: u64, setup: Box<ModelSetup>, reply: Sender<Result<usize, EngineError>> },
     /// Drop a model's context (its sequences are all closed). The weights go with the last
     /// reference to them, which is usually the one this thread held.
     Unload { id: u64 },
@@ -112,16 +115,17 @@ impl DecodeThread {
         self.alive.load(Ordering::Relaxed)
     }
 
-    /// Create a model's context on the decode thread and wait for it (blocking).
-    pub(crate) fn load(&self, setup: ModelSetup) -> Result<Link, EngineError> {
+    /// Create a model's context on the decode thread and wait for it (blocking). Returns the
+    /// link and the batch size the context runs with (see `create_context`).
+    pub(crate) fn load(&self, setup: ModelSetup) -> Result<(Link, usize), EngineError> {
         let name = setup.manifest.name.clone();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = mpsc::channel();
         let gone =
             || EngineError::ContextCreate { model: name.clone(), message: "the decode thread has stopped".into() };
         self.tx.send(Message::Load { id, setup: Box::new(setup), reply }).map_err(|_| gone())?;
-        rx.recv().map_err(|_| gone())??;
-        Ok(Link { id, tx: self.tx.clone() })
+        let batch = rx.recv().map_err(|_| gone())??;
+        Ok((Link { id, tx: self.tx.clone() }, batch))
     }
 }
 
@@ -147,39 +151,72 @@ self_cell::self_cell!(
     }
 );
 
-fn create_worker(setup: ModelSetup, observer: &Arc<dyn StepObserver>) -> Result<LoadedWorker, EngineError> {
-    let ModelSetup { manifest, llama, n_vocab, stats } = setup;
-    LoadedWorker::try_new(llama, |llama| {
-        let ctx = {
-            let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
-            backend().and_then(|b| {
-                llama.new_context(b, context_params(&manifest)).map_err(|e| {
-                    let cells = manifest.total_kv_cells();
-                    let hint = match manifest.kv_cache_type {
-                        super::KvCacheKind::F16 => String::new(),
-                        other => format!(", or does kv_cache_type {} not suit this model's head size", other.as_str()),
-                    };
-                    EngineError::ContextCreate {
-                        model: manifest.name.clone(),
-                        message: format!("{e}: llama.cpp refused {cells} KV cells (too large for memory{hint}?)"),
-                    }
-                })
-            })
-        }?;
+/// The worker for a model, and the batch size its context got.
+fn create_worker(setup: ModelSetup, observer: &Arc<dyn StepObserver>) -> Result<(LoadedWorker, usize), EngineError> {
+    let ModelSetup { mut manifest, llama, n_vocab, stats } = setup;
+    let worker = LoadedWorker::try_new(llama, |llama| {
+        let ctx = create_context(llama, &mut manifest)?;
         let n_swa = sliding_window(llama);
-        Ok(Worker {
+        Ok::<_, EngineError>(Worker {
             scheduler: Scheduler::new(&manifest, ctx, n_vocab, n_swa, stats.clone(), observer.clone()),
             embedder: Embedder::new(&manifest, llama, stats),
         })
-    })
+    })?;
+    Ok((worker, manifest.batch_size))
+}
+
+/// The model's context at the manifest's batch size or, where llama.cpp cannot allocate
+/// that batch's compute buffers, at the largest halving of it that fits (written back to
+/// `manifest.batch_size`). The buffers grow with the batch (without flash attention, with
+/// the batch times the context), and llama.cpp measures them against the memory actually
+/// free on each device, so this fits the batch to a node without guessing its needs.
+fn create_context<'m>(llama: &'m LlamaModel, manifest: &mut ModelManifest) -> Result<LlamaContext<'m>, EngineError> {
+    let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
+    let backend = backend()?;
+    let requested = manifest.batch_size;
+    let mut tried = Vec::new();
+    loop {
+        match llama.new_context(backend, context_params(manifest)) {
+            Ok(ctx) => {
+                if manifest.batch_size < requested {
+                    tracing::warn!(
+                        model = %manifest.name,
+                        batch_size = manifest.batch_size,
+                        requested,
+                        "the compute buffers of the manifest's batch do not fit in memory: running smaller batches"
+                    );
+                }
+                return Ok(ctx);
+            }
+            Err(e) => {
+                tried.push(manifest.batch_size.to_string());
+                if let Some(smaller) = smaller_batch(manifest) {
+                    manifest.batch_size = smaller;
+                    continue;
+                }
+                let cells = manifest.total_kv_cells();
+                let hint = match manifest.kv_cache_type {
+                    super::KvCacheKind::F16 => String::new(),
+                    other => format!(", or does kv_cache_type {} not suit this model's head size", other.as_str()),
+                };
+                return Err(EngineError::ContextCreate {
+                    model: manifest.name.clone(),
+                    message: format!(
+                        "{e}: llama.cpp refused {cells} KV cells with batches of {} tokens (too large for memory{hint}?)",
+                        tried.join(", ")
+                    ),
+                });
+            }
+        }
+    }
 }
 
 fn dispatch(workers: &mut BTreeMap<u64, LoadedWorker>, msg: Message, observer: &Arc<dyn StepObserver>) {
     match msg {
         Message::Load { id, setup, reply } => match create_worker(*setup, observer) {
-            Ok(worker) => {
+            Ok((worker, batch)) => {
                 workers.insert(id, worker);
-                let _ = reply.send(Ok(()));
+                let _ = reply.send(Ok(batch));
             }
             Err(e) => {
                 let _ = reply.send(Err(e));

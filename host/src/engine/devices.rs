@@ -1,11 +1,13 @@
 //! The compute devices llama.cpp sees on this node (the CPU, and GPUs in a GPU build), and
 //! the choice of devices a model manifest makes.
 
+use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::{list_llama_ggml_backend_devices, LlamaBackendDeviceType};
 use serde::Serialize;
 
 use super::backend::backend;
-use super::EngineError;
+use super::manifest::SplitMode;
+use super::{EngineError, ModelManifest};
 
 /// One device, as `/admin/models` and `/metrics` show it.
 #[derive(Clone, Debug, Serialize)]
@@ -53,6 +55,52 @@ pub fn devices() -> Vec<DeviceInfo> {
         .collect()
 }
 
+/// The GPUs a model offloads to: those its manifest's `devices` names, or every GPU.
+pub(crate) fn model_gpus(manifest: &ModelManifest) -> Vec<DeviceInfo> {
+    devices()
+        .into_iter()
+        .filter(|d| matches!(d.kind, "gpu" | "igpu"))
+        .filter(|d| manifest.devices.is_empty() || manifest.devices.iter().any(|n| n.eq_ignore_ascii_case(&d.name)))
+        .collect()
+}
+
+/// llama.cpp's placement settings for a manifest: layers offloaded, the GPUs, how a model
+/// spreads over them and in what proportions.
+pub(crate) fn placement_params(manifest: &ModelManifest) -> Result<LlamaModelParams, EngineError> {
+    let split = match manifest.split_mode {
+        SplitMode::None => LlamaSplitMode::None,
+        SplitMode::Layer => LlamaSplitMode::Layer,
+        SplitMode::Row => LlamaSplitMode::Row,
+    };
+    let mut params = LlamaModelParams::default()
+        .with_n_gpu_layers(manifest.n_gpu_layers)
+        .with_main_gpu(manifest.main_gpu)
+        .with_split_mode(split);
+    let refuse = |message: String| EngineError::Devices { model: manifest.name.clone(), message };
+    if !manifest.devices.is_empty() {
+        let indices = resolve(&manifest.name, &manifest.devices)?;
+        params = params.with_devices(&indices).map_err(|e| refuse(e.to_string()))?;
+    }
+    if manifest.tensor_split.iter().any(|p| *p > 0.0) {
+        let gpus = model_gpus(manifest);
+        if gpus.is_empty() {
+            tracing::warn!(model = %manifest.name, "the manifest sets tensor_split but this node has no GPU: ignored");
+        } else if manifest.tensor_split.len() > gpus.len() {
+            // llama.cpp would read only the first proportions and place the model unlike
+            // what the operator wrote.
+            let names: Vec<&str> = gpus.iter().map(|d| d.name.as_str()).collect();
+            return Err(refuse(format!(
+                "tensor_split gives {} proportions, but the model offloads to {} GPU(s) ({})",
+                manifest.tensor_split.len(),
+                gpus.len(),
+                names.join(", ")
+            )));
+        }
+        params = params.with_tensor_split(&manifest.tensor_split).map_err(|e| refuse(e.to_string()))?;
+    }
+    Ok(params)
+}
+
 /// The backend indices of the devices a manifest names, or a clear error naming those this
 /// node has.
 pub(crate) fn resolve(model: &str, names: &[String]) -> Result<Vec<usize>, EngineError> {
@@ -69,4 +117,20 @@ pub(crate) fn resolve(model: &str, names: &[String]) -> Result<Vec<usize>, Engin
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_split_reaches_llama_cpp_padded_to_its_device_count() {
+        let mut manifest = ModelManifest::for_file("m", "m.gguf");
+        assert!(placement_params(&manifest).unwrap().tensor_split().is_empty(), "default: split by free memory");
+        manifest.tensor_split = vec![3.0, 1.0];
+        let params = placement_params(&manifest).unwrap();
+        let mut want = vec![0.0; crate::engine::manifest::MAX_GPUS];
+        want[..2].copy_from_slice(&[3.0, 1.0]);
+        assert_eq!(params.tensor_split(), want);
+    }
 }

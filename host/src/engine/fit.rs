@@ -1,10 +1,11 @@
 //! Sequences sized to the memory a node has (`kv_memory_fraction`): the KV cache of one
 //! sequence is known from the model's shape once its weights are loaded, and the devices
-//! that will hold it report what is free. `max_sequences` is then a cap.
+//! that will hold it report what is free. `max_sequences` is then a cap. And a batch whose
+//! compute buffers do not fit is halved (`smaller_batch`).
 
 use llama_cpp_2::model::LlamaModel;
 
-use super::devices::{devices, DeviceInfo};
+use super::devices::{devices, model_gpus};
 use super::{EngineError, KvCacheKind, ModelManifest};
 
 /// KV bytes one sequence of `context_length` tokens takes, or the bytes free, on the GPUs
@@ -32,12 +33,7 @@ pub(crate) fn sequences_that_fit(need: Split, free: Split, fraction: f64, cap: u
 /// a clear error when not one sequence fits.
 pub(crate) fn fit_sequences(mut manifest: ModelManifest, llama: &LlamaModel) -> Result<ModelManifest, EngineError> {
     let Some(fraction) = manifest.kv_memory_fraction else { return Ok(manifest) };
-    let all = devices();
-    let gpus: Vec<&DeviceInfo> = all
-        .iter()
-        .filter(|d| matches!(d.kind, "gpu" | "igpu"))
-        .filter(|d| manifest.devices.is_empty() || manifest.devices.iter().any(|n| n.eq_ignore_ascii_case(&d.name)))
-        .collect();
+    let gpus = model_gpus(&manifest);
     let layers = u64::from(llama.n_layer());
     // llama.cpp keeps an offloaded layer's KV cells on its GPU, the others' in host memory.
     let offloaded = if gpus.is_empty() { 0 } else { u64::from(manifest.n_gpu_layers).min(layers) };
@@ -45,7 +41,7 @@ pub(crate) fn fit_sequences(mut manifest: ModelManifest, llama: &LlamaModel) -> 
     let need = Split { gpu: per_layer * offloaded, cpu: per_layer * (layers - offloaded) };
     let free = Split {
         gpu: gpus.iter().map(|d| d.memory_free_bytes).sum(),
-        cpu: all.iter().filter(|d| d.kind == "cpu").map(|d| d.memory_free_bytes).sum(),
+        cpu: devices().iter().filter(|d| d.kind == "cpu").map(|d| d.memory_free_bytes).sum(),
     };
     let fits = sequences_that_fit(need, free, fraction, manifest.max_sequences);
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -77,6 +73,17 @@ pub(crate) fn fit_sequences(mut manifest: ModelManifest, llama: &LlamaModel) -> 
     manifest.max_sequences = fits;
     Ok(manifest)
 }
+
+/// The next batch size to try when llama.cpp cannot allocate a context's compute buffers:
+/// half, while every open sequence still decodes each step and prompts go in useful
+/// chunks; `None` below that.
+pub(crate) fn smaller_batch(manifest: &ModelManifest) -> Option<usize> {
+    let half = manifest.batch_size / 2;
+    (half >= manifest.max_sequences.max(MIN_BATCH)).then_some(half)
+}
+
+/// The smallest batch a load shrinks to.
+const MIN_BATCH: usize = 32;
 
 /// KV cache bytes of one sequence of `context_length` tokens, wherever its layers are.
 /// Sliding-window layers (Gemma 3) keep only their window; counting them in full errs on

@@ -41,6 +41,11 @@ pub struct ModelManifest {
     /// empty: every GPU.
     #[serde(default)]
     pub devices: Vec<String>,
+    /// Proportions of the offloaded layers (rows with `split_mode = "row"`) each GPU takes,
+    /// in the order of `devices` (or of the node's GPUs), e.g. `[3, 1]`. Empty (default):
+    /// llama.cpp splits by each GPU's free memory. Ignored on a node without GPUs.
+    #[serde(default)]
+    pub tensor_split: Vec<f32>,
     /// Element type of the KV cache: `"f16"` (default) or `"q8_0"` (about half the memory,
     /// with a small loss of precision; needs flash attention).
     #[serde(default)]
@@ -58,7 +63,9 @@ pub struct ModelManifest {
     /// fits fails saying what one needs. Leave room for llama.cpp's compute buffers.
     #[serde(default)]
     pub kv_memory_fraction: Option<f64>,
-    /// Tokens per llama.cpp batch.
+    /// Tokens per llama.cpp batch: the most a step computes. A load whose compute buffers
+    /// do not fit in memory at this size halves it (never below `max_sequences` or 32) until
+    /// they do; `/admin/models` shows the size the model runs with.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
     /// KV cells for all sequences together. Unset: `context_length x max_sequences`, one
@@ -174,6 +181,9 @@ pub enum Pooling {
     Last,
 }
 
+/// llama.cpp's `llama_max_devices()`: the longest `tensor_split` it reads.
+pub(crate) const MAX_GPUS: usize = 16;
+
 mod defaults {
     pub fn context_length() -> usize {
         2048
@@ -236,6 +246,7 @@ impl ModelManifest {
             main_gpu: 0,
             split_mode: SplitMode::default(),
             devices: Vec::new(),
+            tensor_split: Vec::new(),
             kv_cache_type: KvCacheKind::default(),
             flash_attention: FlashAttention::default(),
             max_sequences: defaults::max_sequences(),
@@ -313,6 +324,20 @@ impl ModelManifest {
         }
         if self.main_gpu < 0 {
             return Err("main_gpu must be 0 or more".into());
+        }
+        if let Some(bad) = self.tensor_split.iter().find(|p| !p.is_finite() || **p < 0.0) {
+            return Err(format!("tensor_split holds {bad}: each proportion must be a finite number, 0 or more"));
+        }
+        if self.tensor_split.len() > MAX_GPUS {
+            return Err(format!(
+                "tensor_split has {} entries; llama.cpp takes at most {MAX_GPUS}",
+                self.tensor_split.len()
+            ));
+        }
+        if self.split_mode == SplitMode::None && self.tensor_split.iter().any(|p| *p > 0.0) {
+            return Err("tensor_split spreads a model over several GPUs, but split_mode = \"none\" keeps it on \
+                        main_gpu: set split_mode to \"layer\" or \"row\", or drop tensor_split"
+                .into());
         }
         if self.max_sequences > 256 {
             return Err("max_sequences must be at most 256 (llama.cpp's limit)".into());

@@ -258,8 +258,8 @@ impl Inner {
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let prepared = model::Model::prepare(handle.manifest.clone(), handle.stats.clone(), &handle.verified)?;
             weights = started.elapsed();
-            let link = self.decode.load(prepared.setup())?;
-            Ok(prepared.finish(link, handle.activity.clone()))
+            let (link, batch_size) = self.decode.load(prepared.setup())?;
+            Ok(prepared.finish(link, batch_size, handle.activity.clone()))
         }))
         .unwrap_or_else(|_| {
             Err(EngineError::ModelLoadFailed {

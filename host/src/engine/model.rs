@@ -4,7 +4,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
@@ -14,7 +13,6 @@ use super::backend::backend;
 use super::decode_thread::{Link, ModelSetup};
 use super::embedder::EmbedJob;
 use super::lifecycle::{Activity, FileStamp, ModelLease};
-use super::manifest::SplitMode;
 use super::scheduler::Command;
 use super::tokenizer::{Tokenizer, Vocab};
 use super::{EngineError, ModelManifest, Sequence, TokenAccount, Want};
@@ -41,6 +39,9 @@ pub struct ModelInfo {
     pub weights_bytes: u64,
     /// Transformer layers; `n_gpu_layers` of them are offloaded (at most this many).
     pub layers: u32,
+    /// Tokens per llama.cpp batch: the manifest's, or less where its compute buffers did
+    /// not fit in memory.
+    pub batch_size: usize,
 }
 
 /// Live counters of one model's engine; cheap to read from any thread.
@@ -107,7 +108,10 @@ impl Prepared {
         }
     }
 
-    pub(crate) fn finish(self, link: Link, activity: Arc<Activity>) -> Arc<Model> {
+    /// The loaded model, running batches of `batch_size` tokens (what its context got).
+    pub(crate) fn finish(mut self, link: Link, batch_size: usize, activity: Arc<Activity>) -> Arc<Model> {
+        self.manifest.batch_size = batch_size;
+        self.info.batch_size = batch_size;
         Arc::new(Model {
             admission: Arc::new(Semaphore::new(self.manifest.max_sequences)),
             manifest: self.manifest,
@@ -192,21 +196,7 @@ impl Model {
                 "the manifest offloads layers but this node has no GPU: the model runs on the CPU"
             );
         }
-        let split = match manifest.split_mode {
-            SplitMode::None => LlamaSplitMode::None,
-            SplitMode::Layer => LlamaSplitMode::Layer,
-            SplitMode::Row => LlamaSplitMode::Row,
-        };
-        let mut params = LlamaModelParams::default()
-            .with_n_gpu_layers(manifest.n_gpu_layers)
-            .with_main_gpu(manifest.main_gpu)
-            .with_split_mode(split);
-        if !manifest.devices.is_empty() {
-            let indices = super::devices::resolve(&manifest.name, &manifest.devices)?;
-            params = params
-                .with_devices(&indices)
-                .map_err(|e| EngineError::Devices { model: manifest.name.clone(), message: e.to_string() })?;
-        }
+        let params = super::devices::placement_params(&manifest)?;
         let llama = LlamaModel::load_from_file(backend, &path, &params).map_err(|e| EngineError::ModelLoad {
             path: path.clone(),
             message: format!("{e} (the file is not a model llama.cpp can read; see the log above)"),
@@ -482,6 +472,7 @@ fn model_info(manifest: &ModelManifest, llama: &LlamaModel, n_vocab: usize) -> M
         kv_bytes_per_sequence: super::fit::sequence_kv_bytes(llama, manifest),
         weights_bytes: llama.size(),
         layers: llama.n_layer(),
+        batch_size: manifest.batch_size,
     }
 }
 

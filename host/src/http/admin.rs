@@ -117,6 +117,7 @@ fn model_json(m: &ModelHandle, status: ModelStatus) -> serde_json::Value {
             "main_gpu": manifest.main_gpu,
             "split_mode": format!("{:?}", manifest.split_mode).to_lowercase(),
             "devices": manifest.devices,
+            "tensor_split": manifest.tensor_split,
         },
         "kv_cache_type": manifest.kv_cache_type.as_str(),
         "flash_attention": format!("{:?}", manifest.flash_attention).to_lowercase(),
@@ -124,6 +125,8 @@ fn model_json(m: &ModelHandle, status: ModelStatus) -> serde_json::Value {
         // What the loaded model opens: `kv_memory_fraction` may size it below the manifest's cap.
         "max_sequences": status.info.as_ref().map_or(manifest.max_sequences, |i| i.max_sequences),
         "kv_memory_fraction": manifest.kv_memory_fraction,
+        // What the loaded model runs: a batch whose compute buffers did not fit is halved.
+        "batch_size": status.info.as_ref().map_or(manifest.batch_size, |i| i.batch_size),
         "kv_bytes_per_sequence": status.info.as_ref().map(|i| i.kv_bytes_per_sequence),
                 "active_sequences": s.active_sequences.load(Ordering::Relaxed),
                 "waiting_opens": s.waiting_opens.load(Ordering::Relaxed),
