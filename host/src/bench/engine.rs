@@ -38,7 +38,7 @@ impl EngineBench {
             manifest.max_sequences
         );
         // Warm both paths (thread pools, caches) before measuring.
-        let warm = synthetic_prompts(2, self.prompt, 0, info.vocab_size, info.bos, 7);
+        let warm = synthetic_prompts(manifest.max_sequences.min(2), self.prompt, 0, info.vocab_size, info.bos, 7);
         native_on_decode_thread(model, &warm, 8)?;
         engine_run(model, &warm, 8).await?;
 

@@ -156,6 +156,27 @@ pub(crate) fn check_model_file(manifest: &ModelManifest) -> Result<(), EngineErr
     check_gguf_header(&manifest.file)
 }
 
+/// Why llama.cpp may refuse to load a model file: it is not a model it reads, or, when
+/// layers are offloaded, they do not fit in the GPUs' free memory (llama.cpp then fails
+/// the load rather than crash).
+fn load_failure_causes(manifest: &ModelManifest, file_bytes: u64) -> String {
+    let gpus = super::devices::model_gpus(manifest);
+    if manifest.n_gpu_layers == 0 || gpus.is_empty() {
+        return "the file is not a model llama.cpp can read".into();
+    }
+    let mib = |b: u64| b / (1024 * 1024);
+    let free: u64 = gpus.iter().map(|d| d.memory_free_bytes).sum();
+    let names: Vec<&str> = gpus.iter().map(|d| d.name.as_str()).collect();
+    format!(
+        "the file is not a model llama.cpp can read, or the {} layers n_gpu_layers offloads do not fit \
+         in the {} MiB free on {} (the whole file is {} MiB): lower n_gpu_layers",
+        manifest.n_gpu_layers,
+        mib(free),
+        names.join(", "),
+        mib(file_bytes)
+    )
+}
+
 fn opt_token(t: LlamaToken) -> Option<i32> {
     (t.0 >= 0).then_some(t.0)
 }
@@ -199,7 +220,7 @@ impl Model {
         let params = super::devices::placement_params(&manifest)?;
         let llama = LlamaModel::load_from_file(backend, &path, &params).map_err(|e| EngineError::ModelLoad {
             path: path.clone(),
-            message: format!("{e} (the file is not a model llama.cpp can read; see the log above)"),
+            message: format!("{e} ({}; see the log above)", load_failure_causes(&manifest, meta.len())),
         })?;
         let manifest = super::fit::fit_sequences(manifest, &llama)?;
         let llama = Arc::new(llama);
