@@ -787,6 +787,8 @@ async fn kv_memory_fraction_sizes_the_sequences_to_free_memory() {
     assert_eq!(model.info().max_sequences, 3, "plenty of memory: the cap");
     let per_sequence = model.info().kv_bytes_per_sequence;
     assert!(per_sequence > 0);
+    let info = model.info();
+    assert_eq!((info.kv_bytes_cpu, info.kv_bytes_gpu), (3 * per_sequence, 0), "three sequences' cells, all on the CPU");
     let held: Vec<_> = [model.open_now().await, model.open_now().await, model.open_now().await].into_iter().collect();
     assert!(held.iter().all(Result::is_ok));
     assert!(model.open_now().await.is_err(), "a fourth sequence must not open");

@@ -317,7 +317,8 @@ async fn requests_waiting_for_a_load_that_fails_share_its_error() {
 /// the model serves; the admin API and `/metrics` show the batch it runs. Without flash
 /// attention the tiny model's buffers take about 16 bytes x context x batch, so a batch as
 /// long as a context sized to this node's memory asks for twice the memory it has. The same
-/// manifest's `tensor_split` (ignored on a node without GPUs) is accepted and shown.
+/// manifest's `tensor_split` and `n_gpu_layers` (ignored on a node without GPUs) are
+/// accepted, and where the model sits is shown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_too_large_for_memory_is_halved_at_load_and_shown() {
     let memory = flywheel::engine::devices().iter().find(|d| d.kind == "cpu").map_or(0, |d| d.memory_total_bytes);
@@ -331,6 +332,8 @@ async fn a_batch_too_large_for_memory_is_halved_at_load_and_shown() {
     big.context_length = context;
     big.batch_size = context;
     big.tensor_split = vec![3.0, 1.0];
+    // Also asks for GPU layers, which a node without GPUs does not place there.
+    big.n_gpu_layers = 99;
     let s = start(vec![big], &[plugin("openai", "openai", Some(OPENAI))], |c| {
         c.auth.admin_key = Some("admin".into());
         c.models.keep_alive = flywheel::engine::KeepAlive::Forever;
@@ -346,6 +349,13 @@ async fn a_batch_too_large_for_memory_is_halved_at_load_and_shown() {
     assert_eq!(m["gpu"]["tensor_split"], serde_json::json!([3.0, 1.0]), "{m}");
     let metrics = s.get("/metrics").await.text();
     assert_eq!(metric(&metrics, "flywheel_model_batch_tokens", "model=\"big-batch\""), batch as f64, "{metrics}");
+    // Where it sits: every layer and its KV cache (one sequence of `context` cells) in host memory.
+    assert_eq!((m["offloaded_layers"].as_u64(), m["kv_bytes"]["gpu"].as_u64()), (Some(0), Some(0)), "{m}");
+    let kv_cpu = m["kv_bytes"]["cpu"].as_u64().expect("kv_bytes.cpu");
+    assert_eq!(Some(kv_cpu), m["kv_bytes_per_sequence"].as_u64(), "{m}");
+    assert_eq!(metric(&metrics, "flywheel_model_kv_bytes", "model=\"big-batch\",place=\"cpu\""), kv_cpu as f64);
+    assert_eq!(metric(&metrics, "flywheel_model_kv_bytes", "model=\"big-batch\",place=\"gpu\""), 0.0);
+    assert_eq!(metric(&metrics, "flywheel_model_offloaded_layers", "model=\"big-batch\""), 0.0);
     s.shutdown().await;
 }
 

@@ -55,6 +55,13 @@ pub struct DeviceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelPlaceLabels {
+    pub model: String,
+    /// `gpu` or `cpu`.
+    pub place: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UsageLabels {
     pub key: String,
     pub plugin: String,
@@ -331,7 +338,7 @@ impl Collector for EngineGauges {
         let statuses: Vec<(ModelLabel, crate::engine::ModelStatus)> =
             engine.models().map(|m| (ModelLabel { model: m.name().to_string() }, m.status())).collect();
         type State = fn(&crate::engine::ModelStatus) -> i64;
-        let lifecycle: [(&str, &str, State); 5] = [
+        let lifecycle: [(&str, &str, State); 6] = [
             ("flywheel_model_loaded", "1 while the model is loaded, 0 while it is not (it loads on first use)", |s| {
                 i64::from(s.state == crate::engine::ModelState::Loaded)
             }),
@@ -354,6 +361,14 @@ impl Collector for EngineGauges {
                 },
             ),
             (
+                "flywheel_model_offloaded_layers",
+                "Layers of the loaded model on the GPUs (0 on a node without GPUs, and while not loaded)",
+                |s| match (&s.info, s.state) {
+                    (Some(info), crate::engine::ModelState::Loaded) => i64::from(info.offloaded_layers),
+                    _ => 0,
+                },
+            ),
+            (
                 "flywheel_model_batch_tokens",
                 "Tokens per llama.cpp batch of the loaded model: the manifest's batch_size, or less where its \
                  compute buffers did not fit in memory (0 while not loaded)",
@@ -367,6 +382,23 @@ impl Collector for EngineGauges {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (labels, status) in &statuses {
                 ConstGauge::new(read(status)).encode(metric.encode_family(labels)?)?;
+            }
+        }
+        let mut kv = encoder.encode_descriptor(
+            "flywheel_model_kv_bytes",
+            "KV cache bytes of the loaded model's cells on its GPUs and in host memory (0 while not loaded)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, status) in &statuses {
+            let loaded = status.state == crate::engine::ModelState::Loaded;
+            let (gpu, cpu) = match &status.info {
+                Some(info) if loaded => (info.kv_bytes_gpu, info.kv_bytes_cpu),
+                _ => (0, 0),
+            };
+            for (place, bytes) in [("gpu", gpu), ("cpu", cpu)] {
+                let labels = ModelPlaceLabels { model: labels.model.clone(), place: place.to_string() };
+                ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX)).encode(kv.encode_family(&labels)?)?;
             }
         }
         let mut memory = encoder.encode_descriptor(

@@ -34,11 +34,7 @@ pub(crate) fn sequences_that_fit(need: Split, free: Split, fraction: f64, cap: u
 pub(crate) fn fit_sequences(mut manifest: ModelManifest, llama: &LlamaModel) -> Result<ModelManifest, EngineError> {
     let Some(fraction) = manifest.kv_memory_fraction else { return Ok(manifest) };
     let gpus = model_gpus(&manifest);
-    let layers = u64::from(llama.n_layer());
-    // llama.cpp keeps an offloaded layer's KV cells on its GPU, the others' in host memory.
-    let offloaded = if gpus.is_empty() { 0 } else { u64::from(manifest.n_gpu_layers).min(layers) };
-    let per_layer = layer_bytes(llama, &manifest);
-    let need = Split { gpu: per_layer * offloaded, cpu: per_layer * (layers - offloaded) };
+    let need = kv_split(llama, &manifest, manifest.context_length);
     let free = Split {
         gpu: gpus.iter().map(|d| d.memory_free_bytes).sum(),
         cpu: devices().iter().filter(|d| d.kind == "cpu").map(|d| d.memory_free_bytes).sum(),
@@ -89,17 +85,35 @@ const MIN_BATCH: usize = 32;
 /// Sliding-window layers (Gemma 3) keep only their window; counting them in full errs on
 /// the side of fewer sequences.
 pub(crate) fn sequence_kv_bytes(llama: &LlamaModel, manifest: &ModelManifest) -> u64 {
-    layer_bytes(llama, manifest) * u64::from(llama.n_layer())
+    let split = kv_split(llama, manifest, manifest.context_length);
+    split.gpu + split.cpu
 }
 
-/// KV bytes of one layer for `context_length` tokens: keys and values of every KV head.
-fn layer_bytes(llama: &LlamaModel, manifest: &ModelManifest) -> u64 {
+/// Layers llama.cpp offloads: `n_gpu_layers` at most, none on a node without the model's GPUs.
+pub(crate) fn offloaded_layers(llama: &LlamaModel, manifest: &ModelManifest) -> u32 {
+    if model_gpus(manifest).is_empty() {
+        0
+    } else {
+        manifest.n_gpu_layers.min(llama.n_layer())
+    }
+}
+
+/// KV bytes of `cells` cells on the model's GPUs and in host memory: llama.cpp keeps an
+/// offloaded layer's cells on its GPU, the others' in host memory.
+pub(crate) fn kv_split(llama: &LlamaModel, manifest: &ModelManifest, cells: usize) -> Split {
+    let per_layer = layer_bytes(llama, manifest, cells);
+    let offloaded = u64::from(offloaded_layers(llama, manifest));
+    Split { gpu: per_layer * offloaded, cpu: per_layer * (u64::from(llama.n_layer()) - offloaded) }
+}
+
+/// KV bytes of one layer for `cells` tokens: keys and values of every KV head.
+fn layer_bytes(llama: &LlamaModel, manifest: &ModelManifest, cells: usize) -> u64 {
     let arch = llama.meta_val_str("general.architecture").unwrap_or_default();
     let meta = |key: &str| llama.meta_val_str(&format!("{arch}.attention.{key}")).ok()?.parse::<u64>().ok();
     let heads = u64::from(llama.n_head().max(1));
     let key = meta("key_length").unwrap_or(u64::try_from(llama.n_embd()).unwrap_or(0) / heads);
     let value = meta("value_length").unwrap_or(key);
-    let elements = manifest.context_length as u64 * u64::from(llama.n_head_kv()) * (key + value);
+    let elements = cells as u64 * u64::from(llama.n_head_kv()) * (key + value);
     match manifest.kv_cache_type {
         KvCacheKind::F16 => elements * 2,
         // Blocks of 32 values: 32 bytes and a 2-byte scale.

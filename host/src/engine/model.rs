@@ -39,6 +39,12 @@ pub struct ModelInfo {
     pub weights_bytes: u64,
     /// Transformer layers; `n_gpu_layers` of them are offloaded (at most this many).
     pub layers: u32,
+    /// Layers llama.cpp placed on the GPUs: `n_gpu_layers` at most, 0 on a node without GPUs.
+    pub offloaded_layers: u32,
+    /// KV cache bytes of all the model's cells on its GPUs (offloaded layers) and in host
+    /// memory (the others).
+    pub kv_bytes_gpu: u64,
+    pub kv_bytes_cpu: u64,
     /// Tokens per llama.cpp batch: the manifest's, or less where its compute buffers did
     /// not fit in memory.
     pub batch_size: usize,
@@ -478,6 +484,7 @@ fn model_info(manifest: &ModelManifest, llama: &LlamaModel, n_vocab: usize) -> M
     let vocab = llama.vocab();
     let end_of_generation = (0..n_vocab as i32).filter(|&t| vocab.is_eog(LlamaToken(t))).collect();
     let chat_template = manifest.chat_template.clone().or_else(|| llama.meta_val_str("tokenizer.chat_template").ok());
+    let kv = super::fit::kv_split(llama, manifest, manifest.total_kv_cells());
     ModelInfo {
         name: manifest.name.clone(),
         description: manifest.description.clone(),
@@ -493,6 +500,9 @@ fn model_info(manifest: &ModelManifest, llama: &LlamaModel, n_vocab: usize) -> M
         kv_bytes_per_sequence: super::fit::sequence_kv_bytes(llama, manifest),
         weights_bytes: llama.size(),
         layers: llama.n_layer(),
+        offloaded_layers: super::fit::offloaded_layers(llama, manifest),
+        kv_bytes_gpu: kv.gpu,
+        kv_bytes_cpu: kv.cpu,
         batch_size: manifest.batch_size,
     }
 }

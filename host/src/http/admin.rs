@@ -112,6 +112,9 @@ fn model_json(m: &ModelHandle, status: ModelStatus) -> serde_json::Value {
         "vocab_size": status.info.as_ref().map(|i| i.vocab_size),
         "weights_bytes": status.info.as_ref().map(|i| i.weights_bytes),
         "layers": status.info.as_ref().map(|i| i.layers),
+        // Where the loaded model sits: layers on the GPUs, and its KV cache on each side.
+        "offloaded_layers": status.info.as_ref().map(|i| i.offloaded_layers),
+        "kv_bytes": status.info.as_ref().map(|i| json!({ "gpu": i.kv_bytes_gpu, "cpu": i.kv_bytes_cpu })),
         "gpu": {
             "n_gpu_layers": manifest.n_gpu_layers,
             "main_gpu": manifest.main_gpu,
