@@ -221,7 +221,12 @@ async fn check_soak(n: usize) {
     );
     assert_eq!(outcomes.len(), n);
     assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(5)]);
-    assert!(growth < 5.0, "resident memory grew {growth:.2}%");
+    // The allocator settles only after ~17,000 requests (a 60,000-request run levels off
+    // there), so a 3,000-request soak from request 1,000 reads -1% to +7% on this machine
+    // with no leak; it guards against gross leaks (a request's KV cells kept would double
+    // RSS), the 10,000-request soak holds 5%.
+    let limit = if n >= 10_000 { 5.0 } else { 10.0 };
+    assert!(growth < limit, "resident memory grew {growth:.2}% (limit {limit}%)");
     assert_idle(&node).await;
 }
 
