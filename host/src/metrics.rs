@@ -386,7 +386,8 @@ impl Collector for EngineGauges {
         }
         let mut kv = encoder.encode_descriptor(
             "flywheel_model_kv_bytes",
-            "KV cache bytes of the loaded model's cells on its GPUs and in host memory (0 while not loaded)",
+            "KV cache bytes of the loaded model's cells on its GPUs and in host memory, estimated from its shape \
+             (0 while not loaded)",
             None,
             MetricType::Gauge,
         )?;

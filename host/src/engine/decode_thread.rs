@@ -17,7 +17,7 @@ use llama_cpp_2::model::LlamaModel;
 
 use super::backend::{backend, CONTEXT_CREATION};
 use super::embedder::{EmbedJob, Embedder};
-use super::fit::smaller_batch;
+use super::fit::batch_sizes;
 use super::kv::{context_params, sliding_window};
 use super::model::EngineStats;
 use super::scheduler::{Command, Scheduler};
@@ -170,45 +170,57 @@ fn create_worker(setup: ModelSetup, observer: &Arc<dyn StepObserver>) -> Result<
 /// `manifest.batch_size`). The buffers grow with the batch (without flash attention, with
 /// the batch times the context), and llama.cpp measures them against the memory actually
 /// free on each device, so this fits the batch to a node without guessing its needs.
+/// After a refusal the smallest batch is tried first: a failure that no batch size cures
+/// (a KV cache too large, a KV type the model cannot take) then fails the load after two
+/// tries rather than one per halving, each holding up the decode thread.
 fn create_context<'m>(llama: &'m LlamaModel, manifest: &mut ModelManifest) -> Result<LlamaContext<'m>, EngineError> {
     let _guard = CONTEXT_CREATION.lock().unwrap_or_else(|p| p.into_inner());
     let backend = backend()?;
     let requested = manifest.batch_size;
-    let mut tried = Vec::new();
-    loop {
-        match llama.new_context(backend, context_params(manifest)) {
-            Ok(ctx) => {
-                if manifest.batch_size < requested {
-                    tracing::warn!(
-                        model = %manifest.name,
-                        batch_size = manifest.batch_size,
-                        requested,
-                        "the compute buffers of the manifest's batch do not fit in memory: running smaller batches"
-                    );
-                }
-                return Ok(ctx);
-            }
-            Err(e) => {
-                tried.push(manifest.batch_size.to_string());
-                if let Some(smaller) = smaller_batch(manifest) {
-                    manifest.batch_size = smaller;
-                    continue;
-                }
-                let cells = manifest.total_kv_cells();
-                let hint = match manifest.kv_cache_type {
-                    super::KvCacheKind::F16 => String::new(),
-                    other => format!(", or does kv_cache_type {} not suit this model's head size", other.as_str()),
-                };
-                return Err(EngineError::ContextCreate {
-                    model: manifest.name.clone(),
-                    message: format!(
-                        "{e}: llama.cpp refused {cells} KV cells with batches of {} tokens (too large for memory{hint}?)",
-                        tried.join(", ")
-                    ),
-                });
-            }
+    let sizes = batch_sizes(manifest);
+    let attempt = |batch: usize, manifest: &mut ModelManifest| {
+        manifest.batch_size = batch;
+        llama.new_context(backend, context_params(manifest))
+    };
+    let refused = |e: &dyn std::fmt::Display, tried: &[usize], manifest: &ModelManifest| {
+        let cells = manifest.total_kv_cells();
+        let hint = match manifest.kv_cache_type {
+            super::KvCacheKind::F16 => String::new(),
+            other => format!(", or does kv_cache_type {} not suit this model's head size", other.as_str()),
+        };
+        let tried: Vec<String> = tried.iter().map(usize::to_string).collect();
+        EngineError::ContextCreate {
+            model: manifest.name.clone(),
+            message: format!(
+                "{e}: llama.cpp refused {cells} KV cells with batches of {} tokens (too large for memory{hint}?)",
+                tried.join(", ")
+            ),
+        }
+    };
+    let first = match attempt(requested, manifest) {
+        Ok(ctx) => return Ok(ctx),
+        Err(e) => e,
+    };
+    let Some(&smallest) = sizes.last().filter(|&&b| b < requested) else {
+        return Err(refused(&first, &[requested], manifest));
+    };
+    if let Err(e) = attempt(smallest, manifest) {
+        return Err(refused(&e, &[requested, smallest], manifest));
+    }
+    // The smallest fits: take the largest that does (the probe's context is dropped first,
+    // so it does not hold memory the larger ones need).
+    for &batch in &sizes[1..] {
+        if let Ok(ctx) = attempt(batch, manifest) {
+            tracing::warn!(
+                model = %manifest.name,
+                batch_size = batch,
+                requested,
+                "the compute buffers of the manifest's batch do not fit in memory: running smaller batches"
+            );
+            return Ok(ctx);
         }
     }
+    Err(refused(&first, &sizes, manifest))
 }
 
 fn dispatch(workers: &mut BTreeMap<u64, LoadedWorker>, msg: Message, observer: &Arc<dyn StepObserver>) {

@@ -55,13 +55,15 @@ pub fn devices() -> Vec<DeviceInfo> {
         .collect()
 }
 
-/// The GPUs a model offloads to: those its manifest's `devices` names, or every GPU.
+/// The GPUs a model offloads to: those its manifest's `devices` names, or, as llama.cpp
+/// chooses by default, every discrete GPU (integrated ones only where there is none).
 pub(crate) fn model_gpus(manifest: &ModelManifest) -> Vec<DeviceInfo> {
-    devices()
-        .into_iter()
-        .filter(|d| matches!(d.kind, "gpu" | "igpu"))
-        .filter(|d| manifest.devices.is_empty() || manifest.devices.iter().any(|n| n.eq_ignore_ascii_case(&d.name)))
-        .collect()
+    let gpus: Vec<DeviceInfo> = devices().into_iter().filter(|d| matches!(d.kind, "gpu" | "igpu")).collect();
+    if !manifest.devices.is_empty() {
+        return gpus.into_iter().filter(|d| manifest.devices.iter().any(|n| n.eq_ignore_ascii_case(&d.name))).collect();
+    }
+    let discrete = gpus.iter().any(|d| d.kind == "gpu");
+    gpus.into_iter().filter(|d| !discrete || d.kind == "gpu").collect()
 }
 
 /// llama.cpp's placement settings for a manifest: layers offloaded, the GPUs, how a model
@@ -85,13 +87,13 @@ pub(crate) fn placement_params(manifest: &ModelManifest) -> Result<LlamaModelPar
         let gpus = model_gpus(manifest);
         if gpus.is_empty() {
             tracing::warn!(model = %manifest.name, "the manifest sets tensor_split but this node has no GPU: ignored");
-        } else if manifest.tensor_split.len() > gpus.len() {
+        } else if given_proportions(&manifest.tensor_split) > gpus.len() {
             // llama.cpp would read only the first proportions and place the model unlike
             // what the operator wrote.
             let names: Vec<&str> = gpus.iter().map(|d| d.name.as_str()).collect();
             return Err(refuse(format!(
                 "tensor_split gives {} proportions, but the model offloads to {} GPU(s) ({})",
-                manifest.tensor_split.len(),
+                given_proportions(&manifest.tensor_split),
                 gpus.len(),
                 names.join(", ")
             )));
@@ -99,6 +101,11 @@ pub(crate) fn placement_params(manifest: &ModelManifest) -> Result<LlamaModelPar
         params = params.with_tensor_split(&manifest.tensor_split).map_err(|e| refuse(e.to_string()))?;
     }
     Ok(params)
+}
+
+/// Proportions up to the last one above zero (trailing zeros change nothing).
+fn given_proportions(split: &[f32]) -> usize {
+    split.iter().rposition(|p| *p > 0.0).map_or(0, |i| i + 1)
 }
 
 /// The backend indices of the devices a manifest names, or a clear error naming those this
@@ -127,10 +134,14 @@ mod tests {
     fn tensor_split_reaches_llama_cpp_padded_to_its_device_count() {
         let mut manifest = ModelManifest::for_file("m", "m.gguf");
         assert!(placement_params(&manifest).unwrap().tensor_split().is_empty(), "default: split by free memory");
-        manifest.tensor_split = vec![3.0, 1.0];
+        // As many proportions as this node's GPUs (a CPU node ignores them), and a trailing 0.
+        let given: Vec<f32> = (1..=model_gpus(&manifest).len().max(1)).map(|i| i as f32).collect();
+        manifest.tensor_split = [given.as_slice(), &[0.0]].concat();
         let params = placement_params(&manifest).unwrap();
         let mut want = vec![0.0; crate::engine::manifest::MAX_GPUS];
-        want[..2].copy_from_slice(&[3.0, 1.0]);
+        want[..given.len()].copy_from_slice(&given);
         assert_eq!(params.tensor_split(), want);
+        assert_eq!(given_proportions(&[3.0, 1.0, 0.0, 0.0]), 2);
+        assert_eq!(given_proportions(&[0.0, 0.0]), 0);
     }
 }

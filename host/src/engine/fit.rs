@@ -1,7 +1,7 @@
 //! Sequences sized to the memory a node has (`kv_memory_fraction`): the KV cache of one
 //! sequence is known from the model's shape once its weights are loaded, and the devices
 //! that will hold it report what is free. `max_sequences` is then a cap. And a batch whose
-//! compute buffers do not fit is halved (`smaller_batch`).
+//! compute buffers do not fit is halved (`batch_sizes`).
 
 use llama_cpp_2::model::LlamaModel;
 
@@ -70,12 +70,11 @@ pub(crate) fn fit_sequences(mut manifest: ModelManifest, llama: &LlamaModel) -> 
     Ok(manifest)
 }
 
-/// The next batch size to try when llama.cpp cannot allocate a context's compute buffers:
-/// half, while every open sequence still decodes each step and prompts go in useful
-/// chunks; `None` below that.
-pub(crate) fn smaller_batch(manifest: &ModelManifest) -> Option<usize> {
-    let half = manifest.batch_size / 2;
-    (half >= manifest.max_sequences.max(MIN_BATCH)).then_some(half)
+/// The batch sizes a load may run with, largest first: the manifest's, then its halvings
+/// while every open sequence still decodes each step and prompts go in useful chunks.
+pub(crate) fn batch_sizes(manifest: &ModelManifest) -> Vec<usize> {
+    let floor = manifest.max_sequences.max(MIN_BATCH);
+    std::iter::successors(Some(manifest.batch_size), |b| Some(b / 2).filter(|h| *h >= floor)).collect()
 }
 
 /// The smallest batch a load shrinks to.
@@ -89,13 +88,19 @@ pub(crate) fn sequence_kv_bytes(llama: &LlamaModel, manifest: &ModelManifest) ->
     split.gpu + split.cpu
 }
 
-/// Layers llama.cpp offloads: `n_gpu_layers` at most, none on a node without the model's GPUs.
+/// Transformer layers llama.cpp places on the GPUs, none on a node without the model's GPUs.
+/// The output layer is the first of `n_gpu_layers`: llama.cpp offloads the layers from
+/// `n_layer + 1 - n_gpu_layers` on, so `n_layer + 1` (or more) offloads them all.
 pub(crate) fn offloaded_layers(llama: &LlamaModel, manifest: &ModelManifest) -> u32 {
     if model_gpus(manifest).is_empty() {
         0
     } else {
-        manifest.n_gpu_layers.min(llama.n_layer())
+        repeating_layers_offloaded(manifest.n_gpu_layers, llama.n_layer())
     }
+}
+
+fn repeating_layers_offloaded(n_gpu_layers: u32, n_layer: u32) -> u32 {
+    n_gpu_layers.saturating_sub(1).min(n_layer)
 }
 
 /// KV bytes of `cells` cells on the model's GPUs and in host memory: llama.cpp keeps an
@@ -126,6 +131,28 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn batches_halve_down_to_the_sequences_or_32() {
+        let mut m = ModelManifest::for_file("m", "m.gguf");
+        m.batch_size = 512;
+        m.max_sequences = 16;
+        assert_eq!(batch_sizes(&m), [512, 256, 128, 64, 32]);
+        m.max_sequences = 48;
+        assert_eq!(batch_sizes(&m), [512, 256, 128, 64]);
+        m.batch_size = 20;
+        m.max_sequences = 4;
+        assert_eq!(batch_sizes(&m), [20], "already below the floor: only the manifest's");
+    }
+
+    #[test]
+    fn the_output_layer_is_the_first_of_n_gpu_layers() {
+        assert_eq!(repeating_layers_offloaded(0, 30), 0);
+        assert_eq!(repeating_layers_offloaded(1, 30), 0, "the output layer only");
+        assert_eq!(repeating_layers_offloaded(30, 30), 29);
+        assert_eq!(repeating_layers_offloaded(31, 30), 30);
+        assert_eq!(repeating_layers_offloaded(999, 30), 30);
+    }
 
     #[test]
     fn the_tighter_side_and_the_cap_bound_the_count() {

@@ -56,6 +56,17 @@ pub(crate) fn load_prefix(ctx: &mut LlamaContext<'_>, state: &SeqState, seq: i32
     ctx.clear_kv_cache_seq(Some(seq as u32), Some(n), None).map(|_| ()).map_err(|e| e.to_string())
 }
 
+/// KV cells llama.cpp allocates for a manifest: it rounds the context up to 256 cells,
+/// and with one stream per sequence each stream too.
+pub(crate) fn allocated_cells(m: &ModelManifest) -> usize {
+    let pad = |n: usize| n.div_ceil(256) * 256;
+    let total = pad(m.total_kv_cells());
+    match Layout::of(m) {
+        Layout::Pool => total,
+        Layout::Streams => pad(total / m.max_sequences.max(1)) * m.max_sequences,
+    }
+}
+
 /// Context settings shared by the scheduler and the native baseline of `bench engine`.
 pub fn context_params(m: &ModelManifest) -> LlamaContextParams {
     let n_ctx = u32::try_from(m.total_kv_cells()).unwrap_or(u32::MAX);

@@ -42,8 +42,9 @@ pub struct ModelManifest {
     #[serde(default)]
     pub devices: Vec<String>,
     /// Proportions of the offloaded layers (rows with `split_mode = "row"`) each GPU takes,
-    /// in the order of `devices` (or of the node's GPUs), e.g. `[3, 1]`. Empty (default):
-    /// llama.cpp splits by each GPU's free memory. Ignored on a node without GPUs.
+    /// in the order of `devices` (or of the node's GPUs; with `"row"`, CUDA's device
+    /// order), e.g. `[3, 1]`. Empty (default): llama.cpp splits by each GPU's free memory.
+    /// Ignored on a node without GPUs.
     #[serde(default)]
     pub tensor_split: Vec<f32>,
     /// Element type of the KV cache: `"f16"` (default) or `"q8_0"` (about half the memory,

@@ -42,7 +42,8 @@ pub struct ModelInfo {
     /// Layers llama.cpp placed on the GPUs: `n_gpu_layers` at most, 0 on a node without GPUs.
     pub offloaded_layers: u32,
     /// KV cache bytes of all the model's cells on its GPUs (offloaded layers) and in host
-    /// memory (the others).
+    /// memory (the others). An estimate from the model's shape: sliding-window layers
+    /// (Gemma 3) count in full though llama.cpp keeps only their window.
     pub kv_bytes_gpu: u64,
     pub kv_bytes_cpu: u64,
     /// Tokens per llama.cpp batch: the manifest's, or less where its compute buffers did
@@ -174,7 +175,7 @@ fn load_failure_causes(manifest: &ModelManifest, file_bytes: u64) -> String {
     let free: u64 = gpus.iter().map(|d| d.memory_free_bytes).sum();
     let names: Vec<&str> = gpus.iter().map(|d| d.name.as_str()).collect();
     format!(
-        "the file is not a model llama.cpp can read, or the {} layers n_gpu_layers offloads do not fit \
+        "the file is not a model llama.cpp can read, or the layers n_gpu_layers = {} offloads do not fit \
          in the {} MiB free on {} (the whole file is {} MiB): lower n_gpu_layers",
         manifest.n_gpu_layers,
         mib(free),
@@ -484,7 +485,7 @@ fn model_info(manifest: &ModelManifest, llama: &LlamaModel, n_vocab: usize) -> M
     let vocab = llama.vocab();
     let end_of_generation = (0..n_vocab as i32).filter(|&t| vocab.is_eog(LlamaToken(t))).collect();
     let chat_template = manifest.chat_template.clone().or_else(|| llama.meta_val_str("tokenizer.chat_template").ok());
-    let kv = super::fit::kv_split(llama, manifest, manifest.total_kv_cells());
+    let kv = super::fit::kv_split(llama, manifest, super::kv::allocated_cells(manifest));
     ModelInfo {
         name: manifest.name.clone(),
         description: manifest.description.clone(),

@@ -112,7 +112,7 @@ fn model_json(m: &ModelHandle, status: ModelStatus) -> serde_json::Value {
         "vocab_size": status.info.as_ref().map(|i| i.vocab_size),
         "weights_bytes": status.info.as_ref().map(|i| i.weights_bytes),
         "layers": status.info.as_ref().map(|i| i.layers),
-        // Where the loaded model sits: layers on the GPUs, and its KV cache on each side.
+        // Where the model sat at its last load: layers on the GPUs, its KV cache on each side.
         "offloaded_layers": status.info.as_ref().map(|i| i.offloaded_layers),
         "kv_bytes": status.info.as_ref().map(|i| json!({ "gpu": i.kv_bytes_gpu, "cpu": i.kv_bytes_cpu })),
         "gpu": {
@@ -128,7 +128,7 @@ fn model_json(m: &ModelHandle, status: ModelStatus) -> serde_json::Value {
         // What the loaded model opens: `kv_memory_fraction` may size it below the manifest's cap.
         "max_sequences": status.info.as_ref().map_or(manifest.max_sequences, |i| i.max_sequences),
         "kv_memory_fraction": manifest.kv_memory_fraction,
-        // What the loaded model runs: a batch whose compute buffers did not fit is halved.
+        // What its last load runs with: a batch whose compute buffers did not fit is halved.
         "batch_size": status.info.as_ref().map_or(manifest.batch_size, |i| i.batch_size),
         "kv_bytes_per_sequence": status.info.as_ref().map(|i| i.kv_bytes_per_sequence),
                 "active_sequences": s.active_sequences.load(Ordering::Relaxed),

@@ -588,7 +588,7 @@ impl LlamaModelParams {
     }
 
     /// The proportions set by [`with_tensor_split`](Self::with_tensor_split) or
-    /// `fit_params`, empty when llama.cpp splits by free memory.
+    /// `fit_params`, padded to `llama_max_devices()`; empty when none were set.
     #[must_use]
     pub fn tensor_split(&self) -> &[f32] {
         if self.params.tensor_split.is_null() {
